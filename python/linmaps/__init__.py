@@ -1,1 +1,45 @@
-from ._core import __version__
+"""linmaps: fast forward and backward passes of linear and bilinear maps for NumPy.
+
+Functional API: :func:`linear`, :func:`linear_backward`, :func:`bilinear`,
+:func:`bilinear_backward`. Backends: ``"cpp"`` (compiled, Eigen + OpenMP, the default when
+present) and ``"python"`` (pure NumPy, the fallback and the test oracle); see
+:func:`get_backend`, :func:`set_backend`, :func:`use_backend` and ``LINMAPS_BACKEND``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
+from ._api import BilinearGrads, LinearGrads, bilinear, bilinear_backward, linear, linear_backward
+from ._backend import (
+    available_backends,
+    get_backend,
+    get_num_threads,
+    set_backend,
+    set_num_threads,
+    use_backend,
+)
+from ._config import show_config
+
+try:
+    __version__ = _version("linmaps")
+except _PackageNotFoundError:  # running from a source checkout that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BilinearGrads",
+    "LinearGrads",
+    "__version__",
+    "available_backends",
+    "bilinear",
+    "bilinear_backward",
+    "get_backend",
+    "get_num_threads",
+    "linear",
+    "linear_backward",
+    "set_backend",
+    "set_num_threads",
+    "show_config",
+    "use_backend",
+]

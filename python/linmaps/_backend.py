@@ -1,0 +1,112 @@
+"""Backend registry: which implementation runs the arithmetic behind the public functions.
+
+``"cpp"`` is the compiled ``linmaps._core`` (Eigen + OpenMP); ``"python"`` is the pure-NumPy
+backend, always available. The choice is a process-wide default (``set_backend``, or the
+``LINMAPS_BACKEND`` environment variable read at import) that ``use_backend`` overrides for
+the current thread or async task only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import numbers
+import os
+import threading
+import warnings
+
+from . import _numpy_backend
+
+BACKENDS = ("cpp", "python")
+
+_cpp_backend = None
+_cpp_error: str | None = None
+try:
+    # _core first, so that a missing or broken build is reported as such.
+    importlib.import_module(f"{__package__}._core")
+    _cpp_backend = importlib.import_module(f"{__package__}._cpp_backend")
+except Exception as exc:  # any failure to load the compiled module means "use NumPy"
+    _cpp_error = f"{type(exc).__name__}: {exc}"
+
+_env_choice = os.environ.get("LINMAPS_BACKEND", "").strip().lower() or None
+if _env_choice is not None and _env_choice not in BACKENDS:
+    raise ValueError(f"LINMAPS_BACKEND={os.environ['LINMAPS_BACKEND']!r} is not a backend; "
+                     f"valid backends are {', '.join(map(repr, BACKENDS))}")
+if _cpp_backend is None and _env_choice != "python":
+    warnings.warn(f"linmaps: the compiled backend could not be loaded ({_cpp_error}); "
+                  "using the NumPy backend", RuntimeWarning, stacklevel=2)
+
+_default = "cpp" if _cpp_backend is not None and _env_choice != "python" else "python"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "linmaps_backend", default=None)
+_lock = threading.Lock()
+_python_threads = os.cpu_count() or 1
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends are "
+                         f"{', '.join(map(repr, BACKENDS))}")
+    if name == "cpp" and _cpp_backend is None:
+        raise RuntimeError(f"the 'cpp' backend is not available: {_cpp_error}")
+    return name
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends that can run in this process, the compiled one first when present."""
+    return BACKENDS if _cpp_backend is not None else ("python",)
+
+
+def get_backend() -> str:
+    """The backend that calls from this thread use now: ``"cpp"`` or ``"python"``."""
+    return _override.get() or _default
+
+
+def set_backend(name: str) -> None:
+    """Make ``name`` (``"cpp"`` or ``"python"``) the process-wide default backend.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` if ``"cpp"`` is requested
+    but the compiled module could not be loaded.
+    """
+    global _default
+    name = _check_name(name)
+    with _lock:
+        _default = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: use backend ``name`` inside the ``with`` block (this thread only)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _override.reset(token)
+
+
+def current():
+    """The module implementing the active backend."""
+    return _cpp_backend if get_backend() == "cpp" else _numpy_backend
+
+
+def get_num_threads() -> int:
+    """Number of threads the compiled kernels use (OpenMP); follows ``OMP_NUM_THREADS``."""
+    if _cpp_backend is not None:
+        return int(_cpp_backend.get_num_threads())
+    return _python_threads
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads of the compiled kernels, for every Python thread.
+
+    The NumPy backend's speed is governed by NumPy's BLAS pool instead (use threadpoolctl).
+    """
+    global _python_threads
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"set_num_threads(): n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads(): n must be at least 1, got {n}")
+    if _cpp_backend is not None:
+        _cpp_backend.set_num_threads(int(n))
+    _python_threads = int(n)

@@ -1,0 +1,71 @@
+"""Argument checks shared by every backend: the one place where bad input is rejected.
+
+Messages follow PyTorch's style: ``"<function>(): <what> ...: got X but expected Y"`` and name
+the shapes or dtypes involved. Everything here runs before any arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_SUPPORTED = "a real floating-point (float16, float32, float64), integer or bool array"
+
+
+def as_array(fname: str, name: str, value) -> np.ndarray:
+    """``value`` as an ndarray (no copy), rejecting dtypes we cannot compute in."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{fname}(): {name} cannot be converted to an array: {exc}") from None
+    kind = array.dtype.kind
+    if kind in "biu":
+        return array
+    if kind == "f" and array.dtype.itemsize in (2, 4, 8):
+        return array
+    raise TypeError(f"{fname}(): {name} has dtype {array.dtype}, which is not supported; "
+                    f"expected {_SUPPORTED}")
+
+
+def result_dtype(*arrays: np.ndarray) -> np.dtype:
+    """The dtype of the results: NumPy promotion, with bool and integer inputs as float64."""
+    dtypes = [np.dtype(np.float64) if a.dtype.kind in "biu" else a.dtype for a in arrays]
+    return np.result_type(*dtypes)
+
+
+def compute_dtype(result: np.dtype) -> np.dtype:
+    """float16 has no fast kernels: it is computed in float32 and rounded once at the end."""
+    return np.dtype(np.float32) if result == np.float16 else result
+
+
+def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """C-contiguous ``array`` in ``dtype``; copies only when layout or dtype require it."""
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def check_at_least_1d(fname: str, name: str, array: np.ndarray) -> None:
+    if array.ndim == 0:
+        raise ValueError(f"{fname}(): {name} must have at least 1 dimension, got a 0-d array")
+
+
+def check_features(fname: str, name: str, got: int, expected: int, shapes: str) -> None:
+    if got != expected:
+        raise ValueError(f"{fname}(): {name} size does not match weight size: "
+                         f"got {got} but expected {expected} ({shapes})")
+
+
+def check_bias(fname: str, bias: np.ndarray, expected: tuple, weight_shape: tuple) -> None:
+    if bias.shape != expected:
+        raise ValueError(f"{fname}(): bias size does not match weight size: got shape "
+                         f"{bias.shape} but expected {expected} (weight shape {weight_shape})")
+
+
+def check_grad_out(fname: str, grad_out: np.ndarray, expected: tuple, shapes: str) -> None:
+    if grad_out.shape != expected:
+        raise ValueError(f"{fname}(): grad_out shape does not match the output shape: "
+                         f"got {grad_out.shape} but expected {expected} ({shapes})")
+
+
+def check_flag(fname: str, name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fname}(): {name} must be a bool, got {type(value).__name__}")
+    return bool(value)

@@ -1,0 +1,103 @@
+"""Independent answers for the tests: the spec's elementwise sums, evaluated literally.
+
+Each function returns ``(value, magnitude)`` where ``magnitude`` is the same sum taken over
+the absolute values of the terms. A computed result may differ from the exact one by at most
+about ``K * eps * magnitude`` for a sum of ``K`` terms (the standard forward error bound of
+floating-point summation), which is how ``assert_close`` sets its tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _f64(*arrays):
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def einsum2(subscripts, *operands):
+    operands = _f64(*operands)
+    value = np.einsum(subscripts, *operands, optimize=False)
+    magnitude = np.einsum(subscripts, *[np.abs(o) for o in operands], optimize=False)
+    return value, magnitude
+
+
+def linear(x, weight, bias=None):
+    """``y[k, j] = sum_i x[k, i] weight[j, i] + bias[j]`` over flattened batch ``k``."""
+    x, weight = _f64(x, weight)
+    lead = x.shape[:-1]
+    y, mag = einsum2("ki,ji->kj", x.reshape(int(np.prod(lead)), x.shape[-1]), weight)
+    if bias is not None:
+        y, mag = y + bias, mag + np.abs(np.asarray(bias, np.float64))
+    shape = lead + (weight.shape[0],)
+    return y.reshape(shape), mag.reshape(shape)
+
+
+def linear_grads(grad_out, x, weight):
+    grad_out, x, weight = _f64(grad_out, x, weight)
+    n = int(np.prod(x.shape[:-1]))
+    g = grad_out.reshape(n, weight.shape[0])
+    x2 = x.reshape(n, weight.shape[1])
+    gx, gx_mag = einsum2("kj,ji->ki", g, weight)
+    gw = einsum2("kj,ki->ji", g, x2)
+    gb = einsum2("kj->j", g)
+    return (gx.reshape(x.shape), gx_mag.reshape(x.shape)), gw, gb
+
+
+def _bilinear_operands(x1, x2, weight):
+    x1, x2, weight = _f64(x1, x2, weight)
+    w3 = weight if weight.ndim == 3 else weight[None]
+    n = int(np.prod(x1.shape[:-1]))
+    return x1.reshape(n, w3.shape[1]), x2.reshape(n, w3.shape[2]), w3
+
+
+def bilinear(x1, x2, weight, bias=None):
+    """``z[k, l] = sum_{i,j} x1[k, i] weight[l, i, j] x2[k, j] + bias[l]``."""
+    a, b, w3 = _bilinear_operands(x1, x2, weight)
+    z, mag = einsum2("ki,lij,kj->kl", a, w3, b)
+    if bias is not None:
+        bias = np.asarray(bias, np.float64).reshape(w3.shape[0])
+        z, mag = z + bias, mag + np.abs(bias)
+    shape = np.shape(x1)[:-1] + np.shape(weight)[:-2]
+    return z.reshape(shape), mag.reshape(shape)
+
+
+def bilinear_grads(grad_out, x1, x2, weight):
+    a, b, w3 = _bilinear_operands(x1, x2, weight)
+    g = np.asarray(grad_out, np.float64).reshape(a.shape[0], w3.shape[0])
+    gx1 = einsum2("kl,lij,kj->ki", g, w3, b)
+    gx2 = einsum2("kl,ki,lij->kj", g, a, w3)
+    gw = einsum2("kl,ki,kj->lij", g, a, b)
+    gb = einsum2("kl->l", g)
+    reshape = [np.shape(x1), np.shape(x2), np.shape(weight), np.shape(weight)[:-2]]
+    return tuple((v.reshape(s), m.reshape(s)) for (v, m), s in zip((gx1, gx2, gw, gb), reshape))
+
+
+def assert_close(actual, expected, terms: int, compute_dtype, result_dtype=None):
+    """``actual`` matches ``expected = (value, magnitude)`` within the rounding bound.
+
+    ``terms`` is the length of the longest sum behind one entry (products of up to three
+    factors add two roundings each). NaN must stand where the oracle has NaN and infinities
+    must agree exactly: IEEE propagation is part of the contract.
+    """
+    value, magnitude = expected
+    actual = np.asarray(actual)
+    assert actual.shape == value.shape, (actual.shape, value.shape)
+    if result_dtype is not None:
+        assert actual.dtype == result_dtype, (actual.dtype, result_dtype)
+    a = actual.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(value), err_msg="NaN pattern differs")
+    inf = np.isinf(value)
+    np.testing.assert_array_equal(a[inf], value[inf], err_msg="infinities differ")
+    finite = ~np.isnan(value) & ~inf
+    eps = np.finfo(compute_dtype).eps
+    # Rounding model fl(a op b) = (a op b)(1 + d) + e, |d| <= eps/2, |e| <= tiny/2 (underflow).
+    tiny = np.finfo(compute_dtype).smallest_subnormal
+    bound = (terms + 2) * (eps * magnitude[finite] + tiny)
+    if result_dtype is not None and np.dtype(result_dtype) != np.dtype(compute_dtype):
+        bound = bound + np.finfo(result_dtype).eps * np.abs(value[finite])  # final rounding
+    err = np.abs(a[finite] - value[finite])
+    bad = err > bound
+    assert not bad.any(), (
+        f"{bad.sum()} of {bad.size} entries exceed the rounding bound; worst error "
+        f"{err.max():.3g} vs bound {bound[np.argmax(err - bound)]:.3g}")

@@ -8,7 +8,7 @@ import pytest
 # this folder on sys.path by itself.
 sys.path.insert(0, os.path.dirname(__file__))
 
-import linmaps  # noqa: E402
+import linmaps
 
 
 def pytest_report_header(config):
@@ -19,8 +19,10 @@ def pytest_report_header(config):
         f"available {cfg['available_backends']}; threads {cfg['num_threads']}",
     ]
     if cfg["compiled"] == "yes":
-        lines.append(f"_core: Eigen {cfg['eigen']}, {cfg['compiler']}, SIMD {cfg['simd']}, "
-                     f"flags '{cfg['cxx_flags']}'")
+        lines.append(
+            f"_core: Eigen {cfg['eigen']}, {cfg['compiler']}, SIMD {cfg['simd']}, "
+            f"flags '{cfg['cxx_flags']}'"
+        )
     else:
         lines.append(f"_core: {cfg['compiled']}")
     return lines

@@ -4,11 +4,12 @@ against central finite differences, on every backend, over Hypothesis-generated 
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
-import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import linmaps
+
+import reference as ref
 
 dims = st.integers(0, 5)
 lead_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=2).map(tuple)
@@ -204,8 +205,12 @@ def test_bilinear_backward_skips_unrequested(backend, skip):
     x1, x2 = rng.standard_normal((6, 4)), rng.standard_normal((6, 5))
     w, g = rng.standard_normal((3, 4, 5)), rng.standard_normal((6, 3))
     full = linmaps.bilinear_backward(g, x1, x2, w)
-    flags = {"need_x1": skip != "x1", "need_x2": skip != "x2",
-             "need_weight": skip != "weight", "bias": skip != "bias"}
+    flags = {
+        "need_x1": skip != "x1",
+        "need_x2": skip != "x2",
+        "need_weight": skip != "weight",
+        "bias": skip != "bias",
+    }
     part = linmaps.bilinear_backward(g, x1, x2, w, **flags)
     for name, got, want in zip(("x1", "x2", "weight", "bias"), part, full):
         if name == skip:

@@ -9,7 +9,7 @@ batch shape and dtype. The formulas are those of ``shared/spec/maps.md``; see
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,18 +29,18 @@ __all__ = [
 class LinearGrads(NamedTuple):
     """Gradients of a linear map; an entry is None when it was not requested."""
 
-    grad_x: Optional[np.ndarray]
-    grad_weight: Optional[np.ndarray]
-    grad_bias: Optional[np.ndarray]
+    grad_x: np.ndarray | None
+    grad_weight: np.ndarray | None
+    grad_bias: np.ndarray | None
 
 
 class BilinearGrads(NamedTuple):
     """Gradients of a bilinear map; an entry is None when it was not requested."""
 
-    grad_x1: Optional[np.ndarray]
-    grad_x2: Optional[np.ndarray]
-    grad_weight: Optional[np.ndarray]
-    grad_bias: Optional[np.ndarray]
+    grad_x1: np.ndarray | None
+    grad_x2: np.ndarray | None
+    grad_weight: np.ndarray | None
+    grad_bias: np.ndarray | None
 
 
 def _shapes(**arrays) -> str:
@@ -64,10 +64,10 @@ def _restore(array, shape, dtype):
 def _check_linear(fname, x, weight):
     v.check_at_least_1d(fname, "input", x)
     if weight.ndim != 2:
-        raise ValueError(f"{fname}(): weight must be 2-D (out_features, in_features), "
-                         f"got shape {weight.shape}")
-    v.check_features(fname, "input", x.shape[-1], weight.shape[1],
-                     _shapes(input=x, weight=weight))
+        raise ValueError(
+            f"{fname}(): weight must be 2-D (out_features, in_features), got shape {weight.shape}"
+        )
+    v.check_features(fname, "input", x.shape[-1], weight.shape[1], _shapes(input=x, weight=weight))
 
 
 def linear(x, weight, bias=None):
@@ -107,7 +107,8 @@ def linear(x, weight, bias=None):
     work = v.compute_dtype(dtype)
     x2d = v.contiguous(_flat(x, in_features), work)
     y = _backend.current().linear_forward(
-        x2d, v.contiguous(weight, work), None if bias is None else v.contiguous(bias, work))
+        x2d, v.contiguous(weight, work), None if bias is None else v.contiguous(bias, work)
+    )
     return _restore(y, x.shape[:-1] + (out_features,), dtype)
 
 
@@ -144,15 +145,19 @@ def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=
     weight = v.as_array(fname, "weight", weight)
     _check_linear(fname, x, weight)
     out_features, in_features = weight.shape
-    v.check_grad_out(fname, grad_out, x.shape[:-1] + (out_features,),
-                     _shapes(input=x, weight=weight))
+    v.check_grad_out(
+        fname, grad_out, x.shape[:-1] + (out_features,), _shapes(input=x, weight=weight)
+    )
     dtype = v.result_dtype(grad_out, x, weight)
     work = v.compute_dtype(dtype)
     grad_x, grad_weight, grad_bias = _backend.current().linear_backward(
         v.contiguous(_flat(grad_out, out_features), work),
         v.contiguous(_flat(x, in_features), work),
         v.contiguous(weight, work),
-        need_x, need_weight, need_bias)
+        need_x,
+        need_weight,
+        need_bias,
+    )
     return LinearGrads(
         _restore(grad_x, x.shape, dtype),
         _restore(grad_weight, weight.shape, dtype),
@@ -167,13 +172,17 @@ def _check_bilinear(fname, x1, x2, weight):
     v.check_at_least_1d(fname, "input1", x1)
     v.check_at_least_1d(fname, "input2", x2)
     if weight.ndim not in (2, 3):
-        raise ValueError(f"{fname}(): weight must be 3-D (out_features, in1_features, "
-                         f"in2_features) or 2-D (in1_features, in2_features), "
-                         f"got shape {weight.shape}")
+        raise ValueError(
+            f"{fname}(): weight must be 3-D (out_features, in1_features, "
+            f"in2_features) or 2-D (in1_features, in2_features), "
+            f"got shape {weight.shape}"
+        )
     shapes = _shapes(input1=x1, input2=x2, weight=weight)
     if x1.shape[:-1] != x2.shape[:-1]:
-        raise ValueError(f"{fname}(): input batch dimensions do not match: got "
-                         f"{x1.shape[:-1]} and {x2.shape[:-1]} ({shapes})")
+        raise ValueError(
+            f"{fname}(): input batch dimensions do not match: got "
+            f"{x1.shape[:-1]} and {x2.shape[:-1]} ({shapes})"
+        )
     v.check_features(fname, "input1", x1.shape[-1], weight.shape[-2], shapes)
     v.check_features(fname, "input2", x2.shape[-1], weight.shape[-1], shapes)
 
@@ -223,12 +232,14 @@ def bilinear(x1, x2, weight, bias=None):
         v.contiguous(_flat(x1, in1), work),
         v.contiguous(_flat(x2, in2), work),
         v.contiguous(weight.reshape(out_features, in1, in2), work),
-        None if bias is None else v.contiguous(bias.reshape(math.prod(out_shape)), work))
+        None if bias is None else v.contiguous(bias.reshape(math.prod(out_shape)), work),
+    )
     return _restore(z, x1.shape[:-1] + out_shape, dtype)
 
 
-def bilinear_backward(grad_out, x1, x2, weight, *, bias=True, need_x1=True, need_x2=True,
-                      need_weight=True):
+def bilinear_backward(
+    grad_out, x1, x2, weight, *, bias=True, need_x1=True, need_x2=True, need_weight=True
+):
     """Gradients of a bilinear map given ``grad_out = dL/dz``.
 
     With ``g_l = grad_out[..., l]``: ``grad_x1 = sum_l g_l * (x2 @ weight[l].T)``,
@@ -264,8 +275,9 @@ def bilinear_backward(grad_out, x1, x2, weight, *, bias=True, need_x1=True, need
     _check_bilinear(fname, x1, x2, weight)
     out_shape = weight.shape[:-2]
     in1, in2 = weight.shape[-2:]
-    v.check_grad_out(fname, grad_out, x1.shape[:-1] + out_shape,
-                     _shapes(input1=x1, input2=x2, weight=weight))
+    v.check_grad_out(
+        fname, grad_out, x1.shape[:-1] + out_shape, _shapes(input1=x1, input2=x2, weight=weight)
+    )
     dtype = v.result_dtype(grad_out, x1, x2, weight)
     work = v.compute_dtype(dtype)
     out_features = math.prod(out_shape)
@@ -274,7 +286,11 @@ def bilinear_backward(grad_out, x1, x2, weight, *, bias=True, need_x1=True, need
         v.contiguous(_flat(x1, in1), work),
         v.contiguous(_flat(x2, in2), work),
         v.contiguous(weight.reshape(out_features, in1, in2), work),
-        need_x1, need_x2, need_weight, need_bias)
+        need_x1,
+        need_x2,
+        need_weight,
+        need_bias,
+    )
     return BilinearGrads(
         _restore(grad_x1, x1.shape, dtype),
         _restore(grad_x2, x2.shape, dtype),

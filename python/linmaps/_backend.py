@@ -31,23 +31,31 @@ except Exception as exc:  # any failure to load the compiled module means "use N
 
 _env_choice = os.environ.get("LINMAPS_BACKEND", "").strip().lower() or None
 if _env_choice is not None and _env_choice not in BACKENDS:
-    raise ValueError(f"LINMAPS_BACKEND={os.environ['LINMAPS_BACKEND']!r} is not a backend; "
-                     f"valid backends are {', '.join(map(repr, BACKENDS))}")
+    raise ValueError(
+        f"LINMAPS_BACKEND={os.environ['LINMAPS_BACKEND']!r} is not a backend; "
+        f"valid backends are {', '.join(map(repr, BACKENDS))}"
+    )
 if _cpp_backend is None and _env_choice != "python":
-    warnings.warn(f"linmaps: the compiled backend could not be loaded ({_cpp_error}); "
-                  "using the NumPy backend", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"linmaps: the compiled backend could not be loaded ({_cpp_error}); "
+        "using the NumPy backend",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 _default = "cpp" if _cpp_backend is not None and _env_choice != "python" else "python"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "linmaps_backend", default=None)
+    "linmaps_backend", default=None
+)
 _lock = threading.Lock()
 _python_threads = os.cpu_count() or 1
 
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid backends are "
-                         f"{', '.join(map(repr, BACKENDS))}")
+        raise ValueError(
+            f"unknown backend {name!r}; valid backends are {', '.join(map(repr, BACKENDS))}"
+        )
     if name == "cpp" and _cpp_backend is None:
         raise RuntimeError(f"the 'cpp' backend is not available: {_cpp_error}")
     return name

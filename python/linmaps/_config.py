@@ -33,14 +33,16 @@ def config() -> dict:
     else:
         from . import _core
 
-        info.update({
-            "compiled": "yes",
-            "eigen": _core.eigen_version,
-            "compiler": _core.compiler,
-            "cxx_flags": _core.cxx_flags.strip(),
-            "simd": _core.simd,
-            "openmp": _core.openmp,
-        })
+        info.update(
+            {
+                "compiled": "yes",
+                "eigen": _core.eigen_version,
+                "compiler": _core.compiler,
+                "cxx_flags": _core.cxx_flags.strip(),
+                "simd": _core.simd,
+                "openmp": _core.openmp,
+            }
+        )
     return info
 
 

@@ -17,12 +17,25 @@ intermediates hold at most ``_WORKSPACE_ELEMENTS`` numbers: memory stays bounded
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # 2**21 numbers: 8 MiB in float32, 16 MiB in float64, per intermediate. Large enough that each
 # block is still one big, efficient matrix product; small enough that N = 65536 samples with
 # L*n = 4096 do not allocate gigabytes.
 _WORKSPACE_ELEMENTS = 1 << 21
+
+
+def _ieee(function):
+    """NaN and Inf propagate silently, as in the compiled backend: no NumPy FP warnings."""
+
+    @functools.wraps(function)
+    def wrapper(*args):
+        with np.errstate(all="ignore"):
+            return function(*args)
+
+    return wrapper
 
 
 def _row_blocks(n_rows: int, row_width: int):
@@ -37,6 +50,7 @@ def _weight_hat(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.transpose(1, 0, 2)).reshape(in1, out_features * in2)
 
 
+@_ieee
 def linear_forward(x, weight, bias):
     y = x @ weight.T
     if bias is not None:
@@ -44,6 +58,7 @@ def linear_forward(x, weight, bias):
     return y
 
 
+@_ieee
 def linear_backward(grad, x, weight, need_x, need_weight, need_bias):
     grad_x = grad @ weight if need_x else None
     grad_weight = grad.T @ x if need_weight else None
@@ -51,6 +66,7 @@ def linear_backward(grad, x, weight, need_x, need_weight, need_bias):
     return grad_x, grad_weight, grad_bias
 
 
+@_ieee
 def bilinear_forward(x1, x2, weight, bias):
     n_samples = x1.shape[0]
     out_features, _, in2 = weight.shape
@@ -64,6 +80,7 @@ def bilinear_forward(x1, x2, weight, bias):
     return z
 
 
+@_ieee
 def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_bias):
     n_samples, in1 = x1.shape
     out_features, _, in2 = weight.shape

@@ -22,8 +22,9 @@ def as_array(fname: str, name: str, value) -> np.ndarray:
         return array
     if kind == "f" and array.dtype.itemsize in (2, 4, 8):
         return array
-    raise TypeError(f"{fname}(): {name} has dtype {array.dtype}, which is not supported; "
-                    f"expected {_SUPPORTED}")
+    raise TypeError(
+        f"{fname}(): {name} has dtype {array.dtype}, which is not supported; expected {_SUPPORTED}"
+    )
 
 
 def result_dtype(*arrays: np.ndarray) -> np.dtype:
@@ -49,20 +50,26 @@ def check_at_least_1d(fname: str, name: str, array: np.ndarray) -> None:
 
 def check_features(fname: str, name: str, got: int, expected: int, shapes: str) -> None:
     if got != expected:
-        raise ValueError(f"{fname}(): {name} size does not match weight size: "
-                         f"got {got} but expected {expected} ({shapes})")
+        raise ValueError(
+            f"{fname}(): {name} size does not match weight size: "
+            f"got {got} but expected {expected} ({shapes})"
+        )
 
 
 def check_bias(fname: str, bias: np.ndarray, expected: tuple, weight_shape: tuple) -> None:
     if bias.shape != expected:
-        raise ValueError(f"{fname}(): bias size does not match weight size: got shape "
-                         f"{bias.shape} but expected {expected} (weight shape {weight_shape})")
+        raise ValueError(
+            f"{fname}(): bias size does not match weight size: got shape "
+            f"{bias.shape} but expected {expected} (weight shape {weight_shape})"
+        )
 
 
 def check_grad_out(fname: str, grad_out: np.ndarray, expected: tuple, shapes: str) -> None:
     if grad_out.shape != expected:
-        raise ValueError(f"{fname}(): grad_out shape does not match the output shape: "
-                         f"got {grad_out.shape} but expected {expected} ({shapes})")
+        raise ValueError(
+            f"{fname}(): grad_out shape does not match the output shape: "
+            f"got {grad_out.shape} but expected {expected} ({shapes})"
+        )
 
 
 def check_flag(fname: str, name: str, value) -> bool:

@@ -1,0 +1,186 @@
+"""dtype promotion, memory layouts, zero-sized dimensions, IEEE specials, input immutability."""
+
+import numpy as np
+import pytest
+
+import linmaps
+
+import reference as ref
+
+rng = np.random.default_rng(7)
+
+
+def bilinear_args(n=5, m=4, k=3, out=2):
+    return (
+        rng.standard_normal((n, m)),
+        rng.standard_normal((n, k)),
+        rng.standard_normal((out, m, k)),
+        rng.standard_normal(out),
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        ((np.float32, np.float32, np.float32, np.float32), np.float32),
+        ((np.float64, np.float64, np.float64, np.float64), np.float64),
+        ((np.float32, np.float64, np.float32, np.float32), np.float64),
+        ((np.float32, np.float32, np.float32, np.float64), np.float64),
+        ((np.int64, np.float32, np.float32, np.float32), np.float64),
+        ((np.float32, np.bool_, np.float32, np.float32), np.float64),
+        ((np.int8, np.uint16, np.int32, np.bool_), np.float64),
+        ((np.float16, np.float16, np.float16, np.float16), np.float16),
+        ((np.float16, np.float32, np.float16, np.float16), np.float32),
+    ],
+)
+def test_dtype_promotion(backend, dtypes, expected):
+    x1, x2, w, b = (a.astype(t) for a, t in zip(bilinear_args(), dtypes))
+    z = linmaps.bilinear(x1, x2, w, b)
+    assert z.dtype == expected
+    compute = np.float32 if expected == np.float16 else expected
+    ref.assert_close(z, ref.bilinear(x1, x2, w, b), 13, compute, expected)
+    grads = linmaps.bilinear_backward(z, x1, x2, w)
+    assert {g.dtype for g in grads} == {np.dtype(expected)}
+    exp = ref.bilinear_grads(z, x1, x2, w)
+    for got, want, terms in zip(grads, exp, (6, 8, 5, 5)):
+        ref.assert_close(got, want, terms, compute, expected)
+
+    x, wl, bl = x1, w[:, :, 0], b
+    y = linmaps.linear(x, wl, bl)
+    lin_expected = np.result_type(
+        *[np.float64 if a.dtype.kind in "biu" else a.dtype for a in (x, wl, bl)]
+    )
+    assert y.dtype == lin_expected
+    assert {g.dtype for g in linmaps.linear_backward(y, x, wl)} == {np.dtype(lin_expected)}
+
+
+def layouts(a):
+    """The same values in other memory layouts: Fortran order, strided, reversed, read-only."""
+    fortran = np.asfortranarray(a)
+    wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+    wide[..., ::2] = a
+    strided = wide[..., ::2]
+    flipped = np.flip(a, axis=0).copy()[::-1]
+    readonly = a.copy()
+    readonly.flags.writeable = False
+    return {"fortran": fortran, "strided": strided, "negative": flipped, "readonly": readonly}
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided", "negative", "readonly"])
+def test_layouts_give_the_contiguous_result(backend, layout):
+    x1, x2, w, b = bilinear_args(6, 5, 4, 3)
+    g = rng.standard_normal((6, 3))
+    z = linmaps.bilinear(x1, x2, w, b)
+    grads = linmaps.bilinear_backward(g, x1, x2, w)
+    z2 = linmaps.bilinear(
+        layouts(x1)[layout], layouts(x2)[layout], layouts(w)[layout], layouts(b)[layout]
+    )
+    np.testing.assert_array_equal(z2, z)
+    grads2 = linmaps.bilinear_backward(
+        layouts(g)[layout], layouts(x1)[layout], layouts(x2)[layout], layouts(w)[layout]
+    )
+    for a, c in zip(grads2, grads):
+        np.testing.assert_array_equal(a, c)
+
+    wl = w[:, :, 0].copy()
+    y = linmaps.linear(x1, wl, b)
+    np.testing.assert_array_equal(
+        linmaps.linear(layouts(x1)[layout], layouts(wl)[layout], layouts(b)[layout]), y
+    )
+    lg = linmaps.linear_backward(g, x1, wl)
+    lg2 = linmaps.linear_backward(layouts(g)[layout], layouts(x1)[layout], layouts(wl)[layout])
+    for a, c in zip(lg2, lg):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "k", "out"),
+    [(0, 3, 4, 2), (5, 0, 4, 2), (5, 3, 0, 2), (5, 3, 4, 0), (0, 0, 0, 0)],
+)
+def test_zero_sized_dimensions(backend, n, m, k, out):
+    x1, x2 = rng.standard_normal((n, m)), rng.standard_normal((n, k))
+    w, b, g = rng.standard_normal((out, m, k)), rng.standard_normal(out), np.ones((n, out))
+    z = linmaps.bilinear(x1, x2, w, b)
+    assert z.shape == (n, out)
+    np.testing.assert_array_equal(z, np.broadcast_to(b, (n, out)) if m * k == 0 else z)
+    gx1, gx2, gw, gb = linmaps.bilinear_backward(g, x1, x2, w)
+    assert (gx1.shape, gx2.shape, gw.shape, gb.shape) == ((n, m), (n, k), (out, m, k), (out,))
+    if n == 0:
+        np.testing.assert_array_equal(gw, 0)
+        np.testing.assert_array_equal(gb, 0)
+    if out == 0 or k == 0:
+        np.testing.assert_array_equal(gx1, 0)
+    if out == 0 or m == 0:
+        np.testing.assert_array_equal(gx2, 0)
+
+    wl = rng.standard_normal((out, m))
+    y = linmaps.linear(x1, wl, b)
+    assert y.shape == (n, out)
+    if m == 0:
+        np.testing.assert_array_equal(y, np.broadcast_to(b, (n, out)))
+    gx, gwl, gbl = linmaps.linear_backward(g, x1, wl)
+    assert (gx.shape, gwl.shape, gbl.shape) == ((n, m), (out, m), (out,))
+    if n == 0:
+        np.testing.assert_array_equal(gwl, 0)
+    if out == 0:
+        np.testing.assert_array_equal(gx, 0)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_propagate(backend, special, dtype):
+    x1, x2, w, b = (a.astype(dtype) for a in bilinear_args(4, 3, 3, 2))
+    g = rng.standard_normal((4, 2)).astype(dtype)
+    x1[1, 2] = special
+    w[1, 0, 0] = special
+    ref.assert_close(linmaps.bilinear(x1, x2, w, b), ref.bilinear(x1, x2, w, b), 10, dtype)
+    exp = ref.bilinear_grads(g, x1, x2, w)
+    for got, want, terms in zip(linmaps.bilinear_backward(g, x1, x2, w), exp, (6, 6, 4, 4)):
+        ref.assert_close(got, want, terms, dtype)
+
+    wl = w[:, :, 0].copy()
+    ref.assert_close(linmaps.linear(x1, wl, b), ref.linear(x1, wl, b), 4, dtype)
+    exp = ref.linear_grads(g, x1, wl)
+    for got, want, terms in zip(linmaps.linear_backward(g, x1, wl), exp, (2, 4, 4)):
+        ref.assert_close(got, want, terms, dtype)
+
+
+def test_inputs_are_never_modified(backend):
+    x1, x2, w, b = bilinear_args()
+    g = rng.standard_normal((5, 2))
+    arrays = [x1, x2, w, b, g]
+    before = [a.copy() for a in arrays]
+    for a in arrays:
+        a.flags.writeable = False  # any write attempt would raise
+    linmaps.bilinear(x1, x2, w, b)
+    linmaps.bilinear_backward(g, x1, x2, w)
+    linmaps.linear(x1, w[:, :, 0], b)
+    linmaps.linear_backward(g, x1, w[:, :, 0])
+    # float32 inputs are used without a copy: check them too
+    f32 = [a.astype(np.float32) for a in arrays]
+    f32_before = [a.copy() for a in f32]
+    linmaps.bilinear(*f32[:4])
+    linmaps.bilinear_backward(f32[4], *f32[:3])
+    for a, c in zip(arrays + f32, before + f32_before):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_leading_batch_dimensions(backend):
+    x1, x2 = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 5))
+    w, b = rng.standard_normal((6, 4, 5)), rng.standard_normal(6)
+    z = linmaps.bilinear(x1, x2, w, b)
+    assert z.shape == (2, 3, 6)
+    flat = linmaps.bilinear(x1.reshape(6, 4), x2.reshape(6, 5), w, b)
+    np.testing.assert_array_equal(z.reshape(6, 6), flat)
+    g = rng.standard_normal((2, 3, 6))
+    grads = linmaps.bilinear_backward(g, x1, x2, w)
+    assert [a.shape for a in grads] == [(2, 3, 4), (2, 3, 5), (6, 4, 5), (6,)]
+    flat_grads = linmaps.bilinear_backward(g.reshape(6, 6), x1.reshape(6, 4), x2.reshape(6, 5), w)
+    for a, c in zip(grads, flat_grads):
+        np.testing.assert_array_equal(a.reshape(c.shape), c)
+
+
+def test_lists_are_accepted(backend):
+    y = linmaps.linear([[1.0, 2.0]], [[3.0, 4.0]], [0.5])
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(y, [[11.5]])

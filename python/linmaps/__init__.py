@@ -21,6 +21,7 @@ from ._backend import (
     use_backend,
 )
 from ._config import show_config
+from ._layers import Bilinear, Linear
 
 try:
     __version__ = _version("linmaps")
@@ -28,7 +29,9 @@ except _PackageNotFoundError:  # running from a source checkout that was never i
     __version__ = "0+unknown"
 
 __all__ = [
+    "Bilinear",
     "BilinearGrads",
+    "Linear",
     "LinearGrads",
     "__version__",
     "available_backends",

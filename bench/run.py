@@ -1,0 +1,193 @@
+"""Benchmark linmaps' backends (and PyTorch when installed): ``python bench/run.py [--quick]``.
+
+Prints a table per case and a summary on stdout (progress on stderr), writes every figure to
+a JSON file and a throughput chart to a PNG. See docs/benchmarks.md for what is measured and
+what each column means. Exit status: 0 when every result was right, 1 when some backend gave a
+wrong result or failed (reported as ERROR), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
+
+OP_ALIASES = {
+    "forward": ["forward"],
+    "fwd": ["forward"],
+    "backward": ["backward"],
+    "bwd": ["backward"],
+    "fwd+bwd": ["fwd+bwd"],
+    "fwdbwd": ["fwd+bwd"],
+    "all": ["forward", "backward", "fwd+bwd"],
+}
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ops(text: str) -> tuple:
+    ops = []
+    for token in (t.strip().lower() for t in text.split(",") if t.strip()):
+        if token not in OP_ALIASES:
+            raise argparse.ArgumentTypeError(
+                f"unknown operation {token!r}; use forward, backward, fwd+bwd (or fwd, bwd, all)"
+            )
+        ops.extend(op for op in OP_ALIASES[token] if op not in ops)
+    if not ops:
+        raise argparse.ArgumentTypeError("no operation given")
+    return tuple(op for op in OP_ALIASES["all"] if op in ops)  # always in the canonical order
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/run.py",
+        description="Time the forward and backward passes of linmaps' linear and bilinear "
+        "maps on every backend (cpp, python, and torch when installed), after "
+        "checking each result against the NumPy oracle.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer, shorter samples: the whole suite in well under a minute",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=_usable_cpus(),
+        help="threads for every backend and NumPy's BLAS "
+        "(default: the CPUs this process may use, %(default)s here)",
+    )
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--ops",
+        type=_ops,
+        default=OP_ALIASES["all"],
+        help="comma-separated: forward, backward, fwd+bwd (default: all three)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated filter: 'linear', 'bilinear', part of a case id "
+        "('1024x', 'bilinear-64x512'), or a custom size "
+        "('bilinear:8x4x4x2', 'linear:8x16x4'); see --list-cases",
+    )
+    parser.add_argument(
+        "--backends",
+        default="cpp,python,torch",
+        help="comma-separated (default: %(default)s); unavailable ones are reported, not errors",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=None,
+        help="timed samples per measurement, at most (default 15; 5 with "
+        "--quick); slow calls stop earlier, after at least 5 (1 with "
+        "--quick)",
+    )
+    parser.add_argument(
+        "--json",
+        default=DEFAULT_JSON,
+        metavar="PATH",
+        help="where to write the JSON record (default: bench/results/latest.json)",
+    )
+    parser.add_argument("--no-json", action="store_true", help="do not write the JSON record")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="where to write the PNG chart (default: the JSON path, .png)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the chart")
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory measurement (one subprocess per backend)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--list-cases", action="store_true", help="list the cases and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Size the BLAS and OpenMP pools before NumPy, linmaps or torch load them (threadpoolctl,
+    # when installed, also enforces the count at run time).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import bench_report
+
+    import linmaps_bench
+
+    try:
+        cases = linmaps_bench.select_cases(args.cases)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.list_cases:
+        for case in cases:
+            print(f"{case.id:28} {case.describe()}")
+        return 0
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in linmaps_bench.BACKENDS]
+    if unknown or not backends:
+        print(
+            f"error: unknown backend(s) {unknown}; known: {', '.join(linmaps_bench.BACKENDS)}",
+            file=sys.stderr,
+        )
+        return 2
+
+    settings = linmaps_bench.Settings.for_mode(
+        args.quick,
+        dtype=args.dtype,
+        threads=args.threads,
+        ops=args.ops,
+        repeat=args.repeat,
+        measure_memory=not args.no_memory,
+        seed=args.seed,
+    )
+    command = " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    result = linmaps_bench.run_suite(
+        cases, backends, settings, progress=not args.no_progress, command=command
+    )
+
+    print(bench_report.format_report(result))
+    print()
+    if not args.no_json:
+        print(f"JSON record written to {linmaps_bench.write_json(result, args.json)}")
+    if not args.no_plot:
+        plot_path = args.plot or os.path.splitext(args.json)[0] + ".png"
+        try:
+            print(f"chart written to {bench_report.plot(result, plot_path)}")
+        except ImportError:
+            print(
+                "chart skipped: matplotlib is not installed "
+                "(pip install 'linmaps[bench]' or pip install matplotlib)"
+            )
+    if linmaps_bench.has_errors(result):
+        print(
+            "some results were WRONG or failed (ERROR rows above); exit status 1", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The benchmark harness (bench/): it runs end to end, records every figure in its JSON, and
+reports a backend that gives wrong results as an error instead of timing it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import linmaps
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import linmaps_bench as lb  # noqa: E402
+
+# Tiny custom sizes: the harness's logic, not the machine's speed, is under test.
+TINY_CASES = "bilinear:3x4x5x2,linear:3x4x2"
+TIMING_FIELDS = {
+    "status",
+    "flops",
+    "first_call_s",
+    "calls_per_sample",
+    "median_s",
+    "q1_s",
+    "q3_s",
+    "min_s",
+    "max_s",
+    "n_samples",
+    "samples_s",
+    "gflops",
+    "gflops_iqr",
+    "roofline_fraction",
+    "check",
+}
+
+
+def test_cli_quick_run_writes_every_field(tmp_path):
+    json_path, png_path = tmp_path / "result.json", tmp_path / "chart.png"
+    env = dict(os.environ)
+    # The subprocess must import the same linmaps as this test session.
+    linmaps_root = os.path.dirname(os.path.dirname(linmaps.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([linmaps_root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCH, "run.py"),
+            "--quick",
+            "--no-progress",
+            "--cases",
+            TINY_CASES,
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"JSON record written to {json_path}" in proc.stdout
+    assert "bilinear-3x4x5x2" in proc.stdout and "summary" in proc.stdout
+
+    result = json.loads(json_path.read_text())
+    assert result["schema"] == lb.SCHEMA
+    assert {
+        "started",
+        "finished",
+        "duration_s",
+        "command",
+        "machine",
+        "versions",
+        "settings",
+        "threads",
+        "backends",
+        "reference_gemm",
+        "cases",
+    } <= set(result)
+    assert {"cpu_model", "logical_cpus", "usable_cpus", "cpu_simd_flags"} <= set(result["machine"])
+    assert {"linmaps", "numpy", "torch", "compiler", "build_simd", "blas"} <= set(
+        result["versions"]
+    )
+    assert result["settings"]["dtype"] == "float32" and result["settings"]["quick"]
+    assert result["settings"]["threads"] == result["threads"]["requested"]
+    gemm = result["reference_gemm"]
+    assert gemm["size"] == 2048 and gemm["gflops"] > 0 and gemm["median_s"] > 0
+
+    available = [name for name, status in result["backends"].items() if status["available"]]
+    assert "python" in available  # the oracle's backend always runs
+    assert set(result["backends"]) == {"cpp", "python", "torch"}
+    for status in result["backends"].values():
+        if not status["available"]:
+            assert status["reason"]
+    assert [case["id"] for case in result["cases"]] == ["bilinear-3x4x5x2", "linear-3x4x2"]
+    for case in result["cases"]:
+        assert case["flops"]["backward"] == (6 if case["kind"] == "bilinear" else 4) * np.prod(
+            case["dims"]
+        )
+        for name, per_op in case["results"].items():
+            assert set(per_op) == set(lb.OPS)
+            for record in per_op.values():
+                if name not in available:
+                    assert record["status"] == "unavailable"
+                    continue
+                assert record["status"] == "ok", record
+                assert set(record) >= TIMING_FIELDS
+                assert record["check"]["passed"]
+                assert record["q1_s"] <= record["median_s"] <= record["q3_s"]
+                assert len(record["samples_s"]) == record["n_samples"] >= 3  # tiny: all fit
+        for name in available:
+            memory = case["memory"][name]
+            assert memory["status"] in ("ok", "not measured"), memory
+            if memory["status"] == "ok":
+                assert memory["backward_peak_extra_mib"] >= 0
+                assert memory["backward_outputs_mib"] > 0
+        assert set(case["speedups"]["forward"]) == {"cpp_vs_python", "cpp_vs_torch"}
+    if "matplotlib" in result["versions"]:
+        assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "chart skipped" in proc.stdout
+
+
+def _linear_backward_with_wrong_grad_x(grad_out, x, weight):
+    grads = linmaps.linear_backward(grad_out, x, weight)
+    return grads._replace(grad_x=grads.grad_x * 1.01)  # 1% off: far outside rounding
+
+
+def _bilinear_without_bias(x1, x2, weight, bias=None):
+    return linmaps.bilinear(x1, x2, weight)  # forgets the bias
+
+
+def _raises(*args, **kwargs):
+    raise RuntimeError("kernel exploded")
+
+
+class _Missing(lb.Backend):
+    name = "missing"
+
+    def unavailable_reason(self):
+        return "not built here"
+
+
+def test_wrong_results_are_errors_and_not_timed():
+    wrong = lb.FunctionalBackend(
+        "wrong",
+        linear=linmaps.linear,
+        linear_backward=_linear_backward_with_wrong_grad_x,
+        bilinear=_bilinear_without_bias,
+        bilinear_backward=_raises,
+    )
+    cases = lb.select_cases(TINY_CASES)
+    settings = lb.Settings.for_mode(
+        True, threads=lb.usable_cpus(), measure_memory=False, gemm_size=256
+    )
+    threads_before = linmaps.get_num_threads()
+    result = lb.run_suite(cases, ["python", wrong, _Missing()], settings, progress=False)
+
+    by_id = {case["id"]: case["results"] for case in result["cases"]}
+    linear, bilinear = by_id["linear-3x4x2"], by_id["bilinear-3x4x5x2"]
+    for per_op in (linear["python"], bilinear["python"]):
+        assert all(record["status"] == "ok" for record in per_op.values())
+
+    assert linear["wrong"]["forward"]["status"] == "ok"  # its forward is linmaps' own
+    for op in ("backward", "fwd+bwd"):
+        record = linear["wrong"][op]
+        assert record["status"] == "error"
+        assert "wrong result: grad_x" in record["error"]
+        assert "median_s" not in record and "gflops" not in record
+    assert bilinear["wrong"]["forward"]["status"] == "error"
+    assert "wrong result: z" in bilinear["wrong"]["forward"]["error"]
+    assert "kernel exploded" in bilinear["wrong"]["backward"]["error"]
+
+    assert result["backends"]["missing"] == {
+        "available": False,
+        "reason": "not built here",
+        "isolated": False,
+    }
+    assert all(r["status"] == "unavailable" for r in linear["missing"].values())
+    assert lb.has_errors(result)
+    assert linmaps.get_num_threads() == threads_before  # the run put its settings back
+
+
+def test_tolerance_accepts_rounding_and_rejects_a_small_error():
+    case = lb.Case("bilinear", (64, 32, 48, 8))
+    inputs = lb.make_inputs(case, np.float32)
+    oracle = lb.Oracle(case, inputs, np.float32)
+    with linmaps.use_backend("python"):
+        z = linmaps.bilinear(inputs["x1"], inputs["x2"], inputs["weight"], inputs["bias"])
+    assert oracle.check("forward", [z]).ok
+    off = z.copy()
+    off[5, 3] += 1e-3 * np.abs(z).max()
+    check = oracle.check("forward", [off])
+    assert not check.ok and "(5, 3)" in check.message
+
+
+def test_case_selection():
+    ids = [c.id for c in lb.select_cases("linear")]
+    assert ids == [c.id for c in lb.DEFAULT_CASES if c.kind == "linear"]
+    assert [c.id for c in lb.select_cases("1024x,bilinear:2x3x4x5")] == [
+        "bilinear-1024x128x128x64",
+        "linear-4096x1024x1024",
+        "bilinear-2x3x4x5",
+    ]
+    assert [c.id for c in lb.select_cases("linear-1x")] == ["linear-1x64x64"]
+    with pytest.raises(ValueError, match="matches no case"):
+        lb.select_cases("nonsense")

@@ -184,3 +184,42 @@ def test_lists_are_accepted(backend):
     y = linmaps.linear([[1.0, 2.0]], [[3.0, 4.0]], [0.5])
     assert y.dtype == np.float64
     np.testing.assert_array_equal(y, [[11.5]])
+
+
+def at_offset(a, offset):
+    """A copy of ``a`` starting ``offset`` elements past a 64-byte boundary."""
+    buffer = np.empty(a.size + 64, a.dtype)
+    start = (-buffer.ctypes.data % 64) // a.itemsize + offset
+    view = buffer[start : start + a.size].reshape(a.shape)
+    view[...] = a
+    return view
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 4, 3), (3, 2, 2), (1, 5, 7), (37, 19, 11)])
+def test_results_do_not_depend_on_memory_alignment(backend, dtype, shape):
+    # Vectorised code that peels elements until an aligned address would make the bits of a
+    # result depend on where NumPy happened to allocate the arrays: inputs and outputs. The
+    # inputs are placed at every offset; the outputs, which NumPy allocates inside the call,
+    # land elsewhere on each trial because arrays of varying sizes are kept alive in between.
+    n, m, k = shape
+    x1, x2, w, b = (a.astype(dtype) for a in bilinear_args(n, m, k, 3))
+    g = rng.standard_normal((n, 3)).astype(dtype)
+    wl, bl = rng.standard_normal((k, m)).astype(dtype), rng.standard_normal(k).astype(dtype)
+    gl = rng.standard_normal((n, k)).astype(dtype)
+
+    def results(offset):
+        a = [at_offset(v, offset) for v in (x1, x2, w, b, g, wl, bl, gl)]
+        return [
+            linmaps.bilinear(a[0], a[1], a[2], a[3]),
+            *linmaps.bilinear_backward(a[4], a[0], a[1], a[2]),
+            linmaps.linear(a[0], a[5], a[6]),
+            *linmaps.linear_backward(a[7], a[0], a[5]),
+        ]
+
+    aligned = results(0)
+    keep_alive = []
+    for trial in range(1, 33):
+        keep_alive.append(np.empty(trial % 7 + 1, dtype))
+        for got, want in zip(results(trial % 8), aligned):
+            np.testing.assert_array_equal(got, want)

@@ -16,7 +16,7 @@ import os
 import threading
 import warnings
 
-from . import _numpy_backend
+from . import _dispatch, _numpy_backend
 
 BACKENDS = ("cpp", "python")
 
@@ -26,6 +26,8 @@ try:
     # _core first, so that a missing or broken build is reported as such.
     importlib.import_module(f"{__package__}._core")
     _cpp_backend = importlib.import_module(f"{__package__}._cpp_backend")
+except _dispatch.CpuLevelError:
+    raise  # LINMAPS_CPU asked for something impossible: say so rather than fall back
 except Exception as exc:  # any failure to load the compiled module means "use NumPy"
     _cpp_error = f"{type(exc).__name__}: {exc}"
 

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
 import numpy as np
 
 from . import _backend
+
+
+def _openmp_runtime() -> str:
+    """Path of the OpenMP runtime library loaded in this process (bundled or system)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                name = os.path.basename(path)
+                if name.startswith(("libgomp", "libomp", "libiomp")):
+                    return path
+    except OSError:
+        pass
+    return "runtime not identified"
 
 
 def config() -> dict:
@@ -31,22 +46,24 @@ def config() -> dict:
     if _backend._cpp_backend is None:
         info["compiled"] = f"unavailable ({_backend._cpp_error})"
     else:
-        from . import _core
-
+        core = _backend._cpp_backend._core  # the module of the selected instruction set
         info.update(
             {
                 "compiled": "yes",
-                "eigen": _core.eigen_version,
-                "compiler": _core.compiler,
-                "cxx_flags": _core.cxx_flags.strip(),
-                "simd": _core.simd,
-                "openmp": _core.openmp,
+                "eigen": core.eigen_version,
+                "compiler": core.compiler,
+                "cxx_flags": " ".join(core.cxx_flags.split()),
+                "isa": _backend._cpp_backend.isa,
+                "available_isas": list(_backend._cpp_backend.available_isas),
+                "simd": core.simd,
+                "openmp": f"{core.openmp} ({_openmp_runtime()})",
             }
         )
     return info
 
 
 def show_config() -> None:
-    """Print linmaps, NumPy and Eigen versions, compiler and flags, SIMD, threads, backend."""
+    """Print versions (linmaps, NumPy, Eigen), compiler and flags, the instruction set selected
+    and those available, OpenMP runtime, thread count and backend."""
     for key, value in config().items():
         print(f"{key:>20}: {value}")

@@ -1,0 +1,411 @@
+// Bilinear map kernels: z[k,l] = x1[k,:] A[l] x2[k,:]^T + b[l] and its gradients (spec
+// section 4), computed with the matrix-product reformulation of spec section 4 ("method 2",
+// all outputs at once; docs/kernels.md has the measurements behind the choice).
+//
+// Notation. One input, P (N x p), goes through the GEMMs; the other, Q (N x q), only through
+// row dots and scalings. The weight is permuted once per call into
+//     What (p x L*q),  What[i, l*q + j] = A[l, i, j]   (P = x1, Q = x2)
+//                     or A[l, j, i]                   (P = x2, Q = x1, "swapped").
+// We take p = max(in1, in2): the GEMM depth is then the longer input (better GEMM
+// efficiency) and the intermediates, L*q wide per sample, the narrower.
+//   forward:   T = P What  (N x Lq),   z[k,l] = sum_j T[k, lq+j] Q[k,j] + b[l]
+//   backward:  W[k, lq+j] = dZ[k,l] Q[k,j]
+//              dQ[k,j] = sum_l dZ[k,l] T[k, lq+j],   dP = W What^T,   dWhat = P^T W
+// T and W are never formed for the whole batch: a block of rows_per_block samples times
+// chunk_cols columns lives in a per-thread workspace of kBlockBytes (see kernels.hpp).
+//
+// Task grids (shape-only, see kernels.hpp for why that makes results thread-independent):
+//   forward   tasks = (row block, group of whole outputs l); each task owns its z entries.
+//   backward  stage 1, dP and dQ: tasks = (row block, group of outputs); each row block's
+//             dP/dQ rows are sums over all outputs, so with more than one group the groups'
+//             partial sums go to separate buffers and are added in group order afterwards.
+//             stage 2, dWhat: tasks = column tiles of What; each sums over the whole batch
+//             itself, row block after row block, so no batch sum is ever split.
+#include <optional>
+
+#include "kernels.hpp"
+
+namespace linmaps {
+namespace {
+
+using detail::ceil_div;
+using detail::round_up;
+
+// Samples per row block in the forward pass and backward stage 1. Every block repacks its
+// What chunk for Eigen's GEBP kernel, so blocks must be tall enough to amortise that (the
+// packing costs about 1/rows_per_block of the multiply: 16-row blocks measured 15-25% slower
+// than 128-row ones); 128 rows x 512 float columns is the kBlockBytes workspace.
+constexpr Index kRowsPerBlock = 128;
+// Samples per step of the weight-gradient sum (stage 2): the depth of each GEMM into the
+// accumulator, long enough that re-reading the accumulator (p x chunk) costs little.
+constexpr Index kRowsPerWeightStep = 256;
+// Bounds of the stage-2 column tile of What (its accumulator is p x tile).
+constexpr Index kMinWeightTileCols = 96;
+constexpr Index kMaxWeightTileCols = 480;
+// Stage-1 partial sums (only used when the batch has fewer than kTargetTasks row blocks)
+// never take more than this.
+constexpr Index kMaxPartialBytes = Index(32) << 20;
+// Outputs at least this wide are multiplied straight from the weight, one at a time (see
+// WeightColumns).
+constexpr Index kDirectMinCols = 256;
+// Weights with fewer elements than this are permuted on the calling thread.
+constexpr Index kParallelPackElements = Index(1) << 16;
+
+struct Plan {
+  Index N = 0, L = 0, p = 0, q = 0;
+  bool swapped = false;
+  Index lq = 0;         // width of What
+  bool direct = false;  // What columns read in place from the weight (see WeightColumns)
+
+  Index rows_per_block = 1;  // forward / stage 1
+  Index chunk_cols = 1;      // widest What chunk multiplied at once (workspace columns)
+  Index row_blocks() const { return N == 0 ? 0 : ceil_div(N, rows_per_block); }
+
+  Index outputs_per_group = 1;  // forward / stage 1: whole outputs per task
+  Index groups() const { return L == 0 ? 0 : ceil_div(L, outputs_per_group); }
+
+  Index weight_tile_cols = 1;  // stage 2
+  Index weight_tiles() const { return lq == 0 ? 0 : ceil_div(lq, weight_tile_cols); }
+};
+
+template <class T>
+Plan make_plan(const BilinearShape& shape) {
+  Plan plan;
+  plan.N = shape.batch;
+  plan.L = shape.out;
+  plan.swapped = shape.in2 > shape.in1;
+  plan.p = plan.swapped ? shape.in2 : shape.in1;
+  plan.q = plan.swapped ? shape.in1 : shape.in2;
+  plan.lq = detail::checked_mul(plan.L, plan.q);
+  detail::checked_mul(plan.p, plan.lq);  // the permuted weight must be addressable
+
+  plan.direct = plan.q >= kDirectMinCols;
+  plan.rows_per_block = std::max<Index>(1, std::min(plan.N, kRowsPerBlock));
+  const Index block_elements = detail::kBlockBytes / Index(sizeof(T));
+  plan.chunk_cols = std::max<Index>(detail::kPanelMultiple, block_elements / plan.rows_per_block);
+
+  // Whole outputs per task: as many as fit one chunk, fewer if that leaves fewer than
+  // kTargetTasks tasks (the grid then also cuts across outputs).
+  const Index q = std::max<Index>(plan.q, 1);
+  plan.outputs_per_group = std::max<Index>(1, plan.chunk_cols / q);
+  const Index blocks = std::max<Index>(plan.row_blocks(), 1);
+  if (blocks < detail::kTargetTasks && plan.L > 0) {
+    const Index groups_wanted = ceil_div(detail::kTargetTasks, blocks);
+    plan.outputs_per_group =
+        std::min(plan.outputs_per_group, std::max<Index>(1, ceil_div(plan.L, groups_wanted)));
+  }
+
+  Index tile = block_elements / std::max<Index>(plan.p, 1);
+  tile = std::clamp(tile, kMinWeightTileCols, kMaxWeightTileCols);
+  tile = std::min(tile, round_up(ceil_div(plan.lq, detail::kTargetTasks), detail::kPanelMultiple));
+  plan.weight_tile_cols = std::max<Index>(detail::kPanelMultiple, tile);
+  return plan;
+}
+
+// The columns of What, read either from a permuted copy or straight from the weight.
+//
+// Permuting costs one pass over the weight per call, which matters when the batch is short
+// (the weight is then a large part of the memory traffic: (64, 512, 512, 8) spent a third of
+// its forward time permuting). But a chunk of What that lies within one output l is just a
+// block of A[l] (or of its transpose when swapped) and needs no copy at all. So narrow
+// outputs (q < kDirectMinCols), whose GEMMs would be too narrow one output at a time, are
+// permuted and multiplied several outputs per chunk; wider ones are read in place, one
+// output (or part of one) per chunk.
+template <class T>
+class WeightColumns {
+ public:
+  WeightColumns(const T* weight, const Plan& plan, int num_threads)
+      : weight_(weight),
+        p_(plan.p),
+        q_(plan.q),
+        lq_(plan.lq),
+        swapped_(plan.swapped),
+        direct_(plan.direct) {
+    if (direct_) return;
+    permuted_.resize(detail::checked_mul(p_, plan.lq));
+    MatrixView<T> what(permuted_.data(), p_, plan.lq);
+    const int team =
+        permuted_.size() < kParallelPackElements ? 1 : detail::team_for(plan.L, num_threads);
+    // Pure copies: the task split cannot affect results.
+    detail::parallel_for(plan.L, team, [&](Index l, int) {
+      const T* a = weight_ + l * p_ * q_;
+      if (!swapped_) {
+        what.middleCols(l * q_, q_) = ConstMatrixView<T>(a, p_, q_);  // A[l] is p x q
+      } else {
+        what.middleCols(l * q_, q_) = ConstMatrixView<T>(a, q_, p_).transpose();  // q x p
+      }
+    });
+  }
+
+  // Calls fn(chunk) with chunk = What[:, c0 : c0 + width] (p x width) as an Eigen
+  // expression. In direct mode the columns must lie within one output.
+  template <class Fn>
+  void with_chunk(Index c0, Index width, Fn&& fn) const {
+    if (!direct_) {
+      fn(ConstMatrixView<T>(permuted_.data(), p_, lq_).middleCols(c0, width));
+      return;
+    }
+    const Index l = c0 / q_, j = c0 - l * q_;
+    const T* a = weight_ + l * p_ * q_;
+    if (!swapped_) {
+      fn(ConstMatrixView<T>(a, p_, q_).middleCols(j, width));  // A[l] is p x q
+    } else {
+      fn(ConstMatrixView<T>(a, q_, p_).middleRows(j, width).transpose());  // A[l] is q x p
+    }
+  }
+
+ private:
+  const T* weight_;
+  Index p_, q_, lq_;
+  bool swapped_, direct_;
+  Buffer<T> permuted_;
+};
+
+// Calls fn(c0, c1) for consecutive chunks [c0, c1) covering [begin, end), each at most
+// `width` columns and, in direct mode, never crossing an output boundary. In increasing
+// order, so accumulations over chunks have a fixed order.
+template <class Fn>
+void for_each_chunk(Index begin, Index end, Index width, Index q, bool direct, Fn&& fn) {
+  Index c0 = begin;
+  while (c0 < end) {
+    Index c1 = std::min(end, c0 + width);
+    if (direct) c1 = std::min(c1, (c0 / q + 1) * q);
+    fn(c0, c1);
+    c0 = c1;
+  }
+}
+
+// Calls fn(l, c_begin, j_begin, length) for every output l whose columns [l*q, (l+1)*q)
+// meet [c0, c1): the overlap is What columns [c_begin, c_begin+length), i.e. Q columns
+// [j_begin, j_begin+length). In increasing l, so sums over l have a fixed order.
+template <class Fn>
+void for_each_output_segment(Index c0, Index c1, Index q, Fn&& fn) {
+  if (q == 0) return;
+  for (Index l = c0 / q; l * q < c1; ++l) {
+    const Index begin = std::max(c0, l * q), end = std::min(c1, (l + 1) * q);
+    fn(l, begin, begin - l * q, end - begin);
+  }
+}
+
+// W[k, c - c0] = dZ[k, l] Q[k, j] for c = l*q + j in [c0, c1) and the given rows.
+template <class T, class GradBlock, class QBlock, class WBlock>
+void fill_w(const GradBlock& dz, const QBlock& q_rows, Index c0, Index c1, Index q, WBlock& w) {
+  for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
+    for (Index k = 0; k < w.rows(); ++k) {
+      w.row(k).segment(c - c0, len) = dz(k, l) * q_rows.row(k).segment(j, len);
+    }
+  });
+}
+
+}  // namespace
+
+template <class T>
+void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, T* z_data,
+                      const BilinearShape& shape, int num_threads) {
+  const Plan plan = make_plan<T>(shape);
+  const Index N = plan.N, L = plan.L, p = plan.p, q = plan.q;
+  ConstMatrixView<T> P(plan.swapped ? x2 : x1, N, p);
+  ConstMatrixView<T> Q(plan.swapped ? x1 : x2, N, q);
+  MatrixView<T> z(z_data, N, L);
+
+  const double flops = 2.0 * double(N) * double(L) * double(p) * double(q);
+  const Index num_tasks = plan.row_blocks() * plan.groups();
+  const int team = flops < detail::kSerialFlops ? 1 : detail::team_for(num_tasks, num_threads);
+
+  const WeightColumns<T> what(weight, plan, team);
+
+  const Index chunk_cols =
+      std::min(plan.chunk_cols, std::max<Index>(plan.outputs_per_group * q, 1));
+  detail::PerWorker<T> t_space(team, plan.rows_per_block * chunk_cols);
+
+  detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
+    const Index block = task / plan.groups(), group = task % plan.groups();
+    const Index k0 = block * plan.rows_per_block, rows = std::min(plan.rows_per_block, N - k0);
+    const Index l0 = group * plan.outputs_per_group, l1 = std::min(L, l0 + plan.outputs_per_group);
+    const auto p_rows = P.middleRows(k0, rows);
+    const auto q_rows = Q.middleRows(k0, rows);
+    auto z_block = z.block(k0, l0, rows, l1 - l0);
+    if (q == 0 || p == 0) z_block.setZero();  // empty sums
+
+    // Columns of What for outputs [l0, l1), a chunk at a time (several chunks per output
+    // only when q > chunk_cols; then the row dots are summed chunk by chunk, in order).
+    for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
+      MatrixView<T> t(t_space[worker], rows, c1 - c0);
+      what.with_chunk(c0, c1 - c0,
+                      [&](const auto& what_chunk) { t.noalias() = p_rows * what_chunk; });
+      for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
+        const bool first = (c == l * q);
+        for (Index k = 0; k < rows; ++k) {
+          const T dot = t.row(k).segment(c - c0, len).dot(q_rows.row(k).segment(j, len));
+          if (first) {
+            z_block(k, l - l0) = dot;
+          } else {
+            z_block(k, l - l0) += dot;
+          }
+        }
+      });
+    });
+    if (bias != nullptr) z_block.rowwise() += ConstRowVectorView<T>(bias + l0, l1 - l0);
+  });
+}
+
+template <class T>
+void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight, T* grad_x1,
+                       T* grad_x2, T* grad_weight, T* grad_bias, const BilinearShape& shape,
+                       int num_threads) {
+  const Plan plan = make_plan<T>(shape);
+  const Index N = plan.N, L = plan.L, p = plan.p, q = plan.q;
+  ConstMatrixView<T> dz(grad, N, L);
+  ConstMatrixView<T> P(plan.swapped ? x2 : x1, N, p);
+  ConstMatrixView<T> Q(plan.swapped ? x1 : x2, N, q);
+  T* grad_p = plan.swapped ? grad_x2 : grad_x1;
+  T* grad_q = plan.swapped ? grad_x1 : grad_x2;
+
+  // grad_bias: the batch summed in order k = 0, 1, ... (vectorised across outputs).
+  if (grad_bias != nullptr) {
+    RowVectorView<T> db(grad_bias, L);
+    db.setZero();
+    for (Index k = 0; k < N; ++k) db += dz.row(k);
+  }
+  if (grad_p == nullptr && grad_q == nullptr && grad_weight == nullptr) return;
+
+  const double gemm_flops = 2.0 * double(N) * double(L) * double(p) * double(q);
+  const double flops = gemm_flops * ((grad_p ? 1 : 0) + (grad_q ? 1 : 0) + (grad_weight ? 1 : 0));
+  const bool serial = flops < detail::kSerialFlops;
+
+  // Stage 2 does not read What; only stages that do build it.
+  std::optional<WeightColumns<T>> what;
+  if (grad_p != nullptr || grad_q != nullptr) what.emplace(weight, plan, serial ? 1 : num_threads);
+
+  // ---- stage 1: dP = W What^T and dQ[k,j] = sum_l dZ[k,l] T[k,lq+j], per row block.
+  if (L == 0) {  // no outputs: both input gradients are empty sums
+    if (grad_p != nullptr) MatrixView<T>(grad_p, N, p).setZero();
+    if (grad_q != nullptr) MatrixView<T>(grad_q, N, q).setZero();
+  } else if (grad_p != nullptr || grad_q != nullptr) {
+    const Index blocks = plan.row_blocks();
+    // Groups of outputs: 1 when there are enough row blocks, else enough groups for
+    // kTargetTasks tasks, as long as the partial sums stay within kMaxPartialBytes.
+    Index per_group = L;
+    Index groups = 1;
+    const Index row_bytes =
+        detail::checked_mul(detail::checked_mul(N, (grad_p ? p : 0) + (grad_q ? q : 0)), sizeof(T));
+    if (blocks > 0 && blocks < detail::kTargetTasks) {
+      Index wanted = std::min(ceil_div(detail::kTargetTasks, blocks), L);
+      if (row_bytes > 0) wanted = std::min(wanted, 1 + kMaxPartialBytes / row_bytes);
+      per_group = ceil_div(L, std::max<Index>(wanted, 1));
+      groups = ceil_div(L, per_group);
+    }
+    // Group 0 writes straight into the outputs, group g > 0 into partial buffer g - 1.
+    const Index extra = std::max<Index>(groups - 1, 0);
+    Buffer<T> partial_p(grad_p ? extra * N * p : 0);
+    Buffer<T> partial_q(grad_q ? extra * N * q : 0);
+
+    const Index chunk_cols = std::min(plan.chunk_cols, std::max<Index>(per_group * q, 1));
+    const Index num_tasks = blocks * groups;
+    const int team = serial ? 1 : detail::team_for(num_tasks, num_threads);
+    const Index block_elements = plan.rows_per_block * chunk_cols;
+    detail::PerWorker<T> t_space(team, grad_q ? block_elements : 0);
+    detail::PerWorker<T> w_space(team, grad_p ? block_elements : 0);
+
+    detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
+      const Index block = task / groups, group = task % groups;
+      const Index k0 = block * plan.rows_per_block, rows = std::min(plan.rows_per_block, N - k0);
+      const Index l0 = group * per_group, l1 = std::min(L, l0 + per_group);
+      const auto p_rows = P.middleRows(k0, rows);
+      const auto q_rows = Q.middleRows(k0, rows);
+      const auto dz_rows = dz.middleRows(k0, rows);
+      T* dp_base = group == 0 ? grad_p : partial_p.data() + (group - 1) * N * p;
+      T* dq_base = group == 0 ? grad_q : partial_q.data() + (group - 1) * N * q;
+      MatrixView<T> dp(grad_p ? dp_base + k0 * p : nullptr, grad_p ? rows : 0, p);
+      MatrixView<T> dq(grad_q ? dq_base + k0 * q : nullptr, grad_q ? rows : 0, q);
+      dp.setZero();
+      dq.setZero();
+
+      for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
+        const Index width = c1 - c0;
+        what->with_chunk(c0, width, [&](const auto& what_chunk) {
+          if (grad_q != nullptr) {
+            MatrixView<T> t(t_space[worker], rows, width);
+            t.noalias() = p_rows * what_chunk;
+            for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
+              for (Index k = 0; k < rows; ++k) {
+                dq.row(k).segment(j, len) += dz_rows(k, l) * t.row(k).segment(c - c0, len);
+              }
+            });
+          }
+          if (grad_p != nullptr) {
+            MatrixView<T> w(w_space[worker], rows, width);
+            fill_w<T>(dz_rows, q_rows, c0, c1, q, w);
+            dp.noalias() += w * what_chunk.transpose();
+          }
+        });
+      });
+    });
+
+    if (groups > 1) {
+      // Add the groups' partial sums in group order, row block by row block.
+      detail::parallel_for(blocks, team, [&](Index block, int) {
+        const Index k0 = block * plan.rows_per_block, rows = std::min(plan.rows_per_block, N - k0);
+        for (Index g = 1; g < groups; ++g) {
+          if (grad_p != nullptr) {
+            MatrixView<T>(grad_p + k0 * p, rows, p) +=
+                ConstMatrixView<T>(partial_p.data() + (g - 1) * N * p + k0 * p, rows, p);
+          }
+          if (grad_q != nullptr) {
+            MatrixView<T>(grad_q + k0 * q, rows, q) +=
+                ConstMatrixView<T>(partial_q.data() + (g - 1) * N * q + k0 * q, rows, q);
+          }
+        }
+      });
+    }
+  }
+
+  // ---- stage 2: dWhat = P^T W, one What column tile per task, summed over the whole batch.
+  if (grad_weight != nullptr) {
+    const Index tiles = plan.weight_tiles();
+    const Index tile_cols = std::min(plan.weight_tile_cols, std::max<Index>(plan.lq, 1));
+    const Index step_rows = std::max<Index>(1, std::min(N, kRowsPerWeightStep));
+    const int team = serial ? 1 : detail::team_for(tiles, num_threads);
+    detail::PerWorker<T> acc_space(team, p * tile_cols);
+    detail::PerWorker<T> w_space(team, step_rows * tile_cols);
+
+    detail::parallel_for(tiles, team, [&](Index tile, int worker) {
+      const Index c0 = tile * tile_cols, c1 = std::min(plan.lq, c0 + tile_cols);
+      const Index width = c1 - c0;
+      MatrixView<T> acc(acc_space[worker], p, width);
+      if (N == 0) acc.setZero();  // empty batch sum
+      for (Index k0 = 0; k0 < N; k0 += step_rows) {
+        const Index rows = std::min(step_rows, N - k0);
+        MatrixView<T> w(w_space[worker], rows, width);
+        fill_w<T>(dz.middleRows(k0, rows), Q.middleRows(k0, rows), c0, c1, q, w);
+        if (k0 == 0) {
+          acc.noalias() = P.middleRows(k0, rows).transpose() * w;
+        } else {
+          acc.noalias() += P.middleRows(k0, rows).transpose() * w;
+        }
+      }
+      // Scatter the tile back to the (L, in1, in2) layout.
+      for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
+        if (!plan.swapped) {  // dA[l] is p x q
+          MatrixView<T>(grad_weight + l * p * q, p, q).middleCols(j, len) =
+              acc.middleCols(c - c0, len);
+        } else {  // dA[l] is q x p
+          MatrixView<T>(grad_weight + l * p * q, q, p).middleRows(j, len) =
+              acc.middleCols(c - c0, len).transpose();
+        }
+      });
+    });
+  }
+}
+
+template void bilinear_forward<float>(const float*, const float*, const float*, const float*,
+                                      float*, const BilinearShape&, int);
+template void bilinear_forward<double>(const double*, const double*, const double*, const double*,
+                                       double*, const BilinearShape&, int);
+template void bilinear_backward<float>(const float*, const float*, const float*, const float*,
+                                       float*, float*, float*, float*, const BilinearShape&, int);
+template void bilinear_backward<double>(const double*, const double*, const double*, const double*,
+                                        double*, double*, double*, double*, const BilinearShape&,
+                                        int);
+
+}  // namespace linmaps

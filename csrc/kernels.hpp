@@ -1,0 +1,208 @@
+// The compute kernels of linmaps and the tiling/threading machinery they share.
+//
+// Nothing here knows about Python: the kernels take raw pointers to row-major, contiguous
+// buffers plus their sizes, so that the same sources can later be compiled once per
+// instruction set. The pybind11 layer (bind_*.cpp, linmaps.hpp) validates, allocates the
+// outputs while holding the GIL and calls these with the GIL released.
+//
+// Determinism contract: every kernel splits its work into a grid of tasks that depends only
+// on the problem shape and the scalar type, never on the number of threads. Each task
+// computes a fixed set of output elements completely (or a fixed partial sum that is then
+// combined in a fixed order), so the floating-point operations, and therefore the results,
+// are bitwise identical whatever the number of threads and whichever thread runs a task.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace linmaps {
+
+// 64-bit sizes and indices throughout (Eigen::Index is std::ptrdiff_t).
+using Index = Eigen::Index;
+static_assert(sizeof(Index) == sizeof(std::int64_t), "linmaps needs a 64-bit Eigen::Index");
+
+template <class T>
+using RowMajorMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using MatrixView = Eigen::Map<RowMajorMatrix<T>>;
+template <class T>
+using ConstMatrixView = Eigen::Map<const RowMajorMatrix<T>>;
+template <class T>
+using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+template <class T>
+using RowVectorView = Eigen::Map<RowVector<T>>;
+template <class T>
+using ConstRowVectorView = Eigen::Map<const RowVector<T>>;
+// Scratch memory: Eigen's allocator aligns to EIGEN_MAX_ALIGN_BYTES and leaves it
+// uninitialised (every kernel writes before it reads).
+template <class T>
+using Buffer = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+// ---------------------------------------------------------------------------------------
+// Kernels (explicitly instantiated for float and double in linear.cpp / bilinear.cpp).
+// A null output pointer means "gradient not requested": its work is skipped entirely.
+// `num_threads` is an upper bound on the OpenMP team; results do not depend on it.
+
+struct LinearShape {
+  Index batch;  // N
+  Index in;     // n
+  Index out;    // m
+};
+
+// y (N,m) = x (N,n) weight(m,n)^T + bias(m); bias may be null.
+template <class T>
+void linear_forward(const T* x, const T* weight, const T* bias, T* y, const LinearShape& shape,
+                    int num_threads);
+
+// grad_x (N,n) = grad weight; grad_weight (m,n) = grad^T x; grad_bias (m) = sum_k grad[k,:].
+template <class T>
+void linear_backward(const T* grad, const T* x, const T* weight, T* grad_x, T* grad_weight,
+                     T* grad_bias, const LinearShape& shape, int num_threads);
+
+struct BilinearShape {
+  Index batch;  // N
+  Index in1;    // m
+  Index in2;    // n
+  Index out;    // L
+};
+
+// z (N,L): z[k,l] = x1[k,:] weight[l] x2[k,:]^T + bias[l]; bias may be null.
+template <class T>
+void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, T* z,
+                      const BilinearShape& shape, int num_threads);
+
+template <class T>
+void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight, T* grad_x1,
+                       T* grad_x2, T* grad_weight, T* grad_bias, const BilinearShape& shape,
+                       int num_threads);
+
+// ---------------------------------------------------------------------------------------
+// Threads (threads.cpp).
+//
+// OpenMP's own "number of threads" (the nthreads-var ICV that omp_set_num_threads sets) is
+// per calling thread, so it cannot carry a process-wide setting. linmaps keeps its own
+// process-wide setting and passes it to every parallel region in a num_threads clause. The
+// calling thread's ICV still acts as a cap when something (threadpoolctl's
+// threadpool_limits, or user code calling omp_set_num_threads) changed it from the process
+// default; see threads.cpp.
+namespace threads {
+// The process-wide setting (the OpenMP default until set_setting is called).
+int setting();
+// n >= 1.
+void set_setting(int n);
+// Threads a call made now from the calling thread may use: the setting, capped by the
+// calling thread's OpenMP ICV if that was changed from the process default.
+int for_call();
+// The team size an OpenMP parallel region opened like the kernels open theirs actually gets
+// (diagnostics and tests).
+int team_size();
+}  // namespace threads
+
+// ---------------------------------------------------------------------------------------
+// Shared tiling helpers (used by linear.cpp and bilinear.cpp).
+namespace detail {
+
+inline Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
+inline Index round_up(Index a, Index b) { return ceil_div(a, b) * b; }
+
+// a * b for non-negative sizes, refusing to wrap around.
+inline Index checked_mul(Index a, Index b) {
+  if (a != 0 && b > std::numeric_limits<Index>::max() / a) {
+    throw std::overflow_error("linmaps: array size overflows a 64-bit index");
+  }
+  return a * b;
+}
+
+// Problems cheaper than this many flops run on the calling thread without opening a
+// parallel region: waking the OpenMP team costs a few microseconds, about what a 2-core
+// split saves on a ~1 MFLOP problem (80 GFLOP/s per core -> 12 us of work).
+constexpr double kSerialFlops = 1.0e6;
+
+// The grids aim for at least this many tasks when the problem is large enough, so that 2-4
+// threads get balanced work under dynamic scheduling. A constant, never the thread count.
+constexpr Index kTargetTasks = 8;
+
+// Budget (bytes) for one per-thread intermediate block (T = P W-hat or W = dZ (x) Q of spec
+// section 4). 256 KiB is a quarter of a Zen 4 core's 1 MiB L2: the block is produced by a
+// GEMM and consumed right after (row dots, dY accumulation, the second GEMM) while it is
+// still in L2, next to the operand panels Eigen packs for the GEMM itself.
+constexpr Index kBlockBytes = Index(256) * 1024;
+
+// Eigen's GEBP micro-kernel works on panels of 3 SIMD packets of rows (48 floats / 24
+// doubles with AVX-512); tile widths that are multiples of 48 keep it on its fastest path
+// for both types. (Only a performance hint: any width is correct.)
+constexpr Index kPanelMultiple = 48;
+
+// Number of workers to allocate scratch for, and to ask OpenMP for.
+inline int team_for(Index num_tasks, int num_threads) {
+  if (num_tasks <= 1 || num_threads <= 1) return 1;
+  return static_cast<int>(std::min<Index>(num_tasks, num_threads));
+}
+
+inline int worker_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Runs body(task, worker) for task in [0, num_tasks), worker in [0, team). Tasks are handed
+// out dynamically; which worker runs which task never affects results (see the top of this
+// file). No exception escapes the parallel region: the first one is captured, the remaining
+// tasks are skipped, and it is rethrown on the calling thread.
+template <class Body>
+void parallel_for(Index num_tasks, int team, Body&& body) {
+  if (team <= 1 || num_tasks <= 1) {
+    for (Index task = 0; task < num_tasks; ++task) body(task, 0);
+    return;
+  }
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel for num_threads(team) schedule(dynamic, 1)
+  for (Index task = 0; task < num_tasks; ++task) {
+    if (failed.load(std::memory_order_relaxed)) continue;
+    try {
+      body(task, worker_id());
+    } catch (...) {
+#pragma omp critical(linmaps_parallel_for_error)
+      {
+        if (!error) error = std::current_exception();
+      }
+      failed.store(true, std::memory_order_relaxed);
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// One aligned scratch area per worker, allocated before any parallel region (so an
+// allocation failure is an ordinary exception on the calling thread). Each worker's slice
+// starts on a 64-byte boundary, so every worker sees the same alignment: Eigen's vectorised
+// reductions peel according to alignment, and identical alignment keeps results identical
+// whichever worker runs a task.
+template <class T>
+class PerWorker {
+ public:
+  PerWorker(int workers, Index elements_per_worker)
+      : stride_(round_up(std::max<Index>(elements_per_worker, 1), 64 / Index(sizeof(T)))),
+        storage_(checked_mul(stride_, workers)) {}
+  T* operator[](int worker) { return storage_.data() + stride_ * worker; }
+
+ private:
+  Index stride_;
+  Buffer<T> storage_;
+};
+
+}  // namespace detail
+}  // namespace linmaps

@@ -1,0 +1,215 @@
+// Linear map kernels: y = x weight^T + bias and its gradients (spec section 2).
+//
+// Each output is cut into a fixed grid of tiles (a function of the shape only, see
+// plan_tiles); a tile is one Eigen GEMM over the full summed dimension, so no sum is ever
+// split differently for different thread counts. The one exception is the weight gradient
+// of a small weight with a long batch: there the batch is cut into a fixed number of chunks
+// whose partial sums are added in chunk order afterwards (still shape-only).
+#include "kernels.hpp"
+
+#include <vector>
+
+namespace linmaps {
+namespace {
+
+using detail::ceil_div;
+using detail::round_up;
+
+// Largest output tile of one GEMM task. 256 x 256 outputs over a depth of K cost 2*64K*K
+// flops, enough to amortise Eigen packing both operand panels for the tile (an overhead of
+// about 1/256 + 1/256 of the flops), while a 256-row panel of the left operand at Eigen's
+// depth blocking (kc ~ 256-512) still fits L2.
+constexpr Index kMaxTileRows = 256;
+constexpr Index kMaxTileCols = 480;  // 10 GEBP panels of 48
+// Tiles are not shrunk below these to reach kTargetTasks: smaller tiles spend more of their
+// time packing operands than multiplying them.
+constexpr Index kMinTileRows = 64;
+constexpr Index kMinTileCols = 96;
+constexpr Index kMinWeightTile = 128;
+
+// The batch is split for the weight gradient only into chunks of at least this many rows,
+// and only while the partial sums fit kMaxPartialBytes.
+constexpr Index kMinBatchChunk = 1024;
+constexpr Index kMaxPartialBytes = Index(16) << 20;
+
+// Columns of grad summed per grad_bias task.
+constexpr Index kBiasChunk = 1024;
+
+struct TileGrid {
+  Index rows = 0, cols = 0;  // the output being tiled
+  Index tile_rows = 1, tile_cols = 1;
+  Index row_tiles() const { return rows == 0 ? 0 : ceil_div(rows, tile_rows); }
+  Index col_tiles() const { return cols == 0 ? 0 : ceil_div(cols, tile_cols); }
+  Index size() const { return row_tiles() * col_tiles(); }
+  Index row0(Index tile) const { return (tile / col_tiles()) * tile_rows; }
+  Index col0(Index tile) const { return (tile % col_tiles()) * tile_cols; }
+  Index nrows(Index tile) const { return std::min(tile_rows, rows - row0(tile)); }
+  Index ncols(Index tile) const { return std::min(tile_cols, cols - col0(tile)); }
+};
+
+// Tiles of about equal size: `count` tiles over `extent`, rounded up to `granule`.
+Index balanced_tile(Index extent, Index count, Index granule) {
+  return std::max<Index>(1, std::min(extent, round_up(ceil_div(extent, count), granule)));
+}
+
+// Tile a rows x cols row-major output: start from tiles of at most kMaxTileRows x
+// kMaxTileCols, then cut the larger side into twice as many tiles until there are
+// kTargetTasks tiles or the tiles reach their minimum size. Column tiles are multiples of
+// the GEBP panel (Eigen evaluates a row-major product as the transposed column-major one,
+// so our columns are its micro-kernel's rows); row tiles multiples of 16.
+TileGrid plan_tiles(Index rows, Index cols, Index min_rows = kMinTileRows,
+                    Index min_cols = kMinTileCols) {
+  TileGrid grid;
+  grid.rows = rows;
+  grid.cols = cols;
+  Index row_count = std::max<Index>(1, ceil_div(rows, kMaxTileRows));
+  Index col_count = std::max<Index>(1, ceil_div(cols, kMaxTileCols));
+  grid.tile_rows = balanced_tile(rows, row_count, 16);
+  grid.tile_cols = balanced_tile(cols, col_count, detail::kPanelMultiple);
+  while (grid.size() < detail::kTargetTasks) {
+    const Index split_cols = balanced_tile(cols, 2 * col_count, detail::kPanelMultiple);
+    const Index split_rows = balanced_tile(rows, 2 * row_count, 16);
+    const bool can_split_cols = split_cols >= min_cols && split_cols < grid.tile_cols;
+    const bool can_split_rows = split_rows >= min_rows && split_rows < grid.tile_rows;
+    if (can_split_cols && (grid.tile_cols >= grid.tile_rows || !can_split_rows)) {
+      col_count *= 2;
+      grid.tile_cols = split_cols;
+    } else if (can_split_rows) {
+      row_count *= 2;
+      grid.tile_rows = split_rows;
+    } else {
+      break;
+    }
+  }
+  return grid;
+}
+
+double gemm_flops(Index a, Index b, Index c) {
+  return 2.0 * static_cast<double>(a) * static_cast<double>(b) * static_cast<double>(c);
+}
+
+}  // namespace
+
+template <class T>
+void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T* y_data,
+                    const LinearShape& shape, int num_threads) {
+  const Index N = shape.batch, n = shape.in, m = shape.out;
+  ConstMatrixView<T> x(x_data, N, n);
+  ConstMatrixView<T> weight(weight_data, m, n);
+  MatrixView<T> y(y_data, N, m);
+
+  const TileGrid grid = plan_tiles(N, m);
+  const int team =
+      gemm_flops(N, m, n) < detail::kSerialFlops ? 1 : detail::team_for(grid.size(), num_threads);
+  detail::parallel_for(grid.size(), team, [&](Index tile, int) {
+    const Index r0 = grid.row0(tile), c0 = grid.col0(tile);
+    const Index rows = grid.nrows(tile), cols = grid.ncols(tile);
+    auto y_tile = y.block(r0, c0, rows, cols);
+    // Empty depth (n == 0): Eigen's product assigns zeros, the empty sum.
+    y_tile.noalias() = x.middleRows(r0, rows) * weight.middleRows(c0, cols).transpose();
+    // The bias is added to the tile while it is still in cache, after the full dot product
+    // (y = x.w + b, as the spec writes it).
+    if (bias_data != nullptr) {
+      y_tile.rowwise() += ConstRowVectorView<T>(bias_data + c0, cols);
+    }
+  });
+}
+
+template <class T>
+void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, T* grad_x_data,
+                     T* grad_weight_data, T* grad_bias_data, const LinearShape& shape,
+                     int num_threads) {
+  const Index N = shape.batch, n = shape.in, m = shape.out;
+  ConstMatrixView<T> grad(grad_data, N, m);
+  ConstMatrixView<T> x(x_data, N, n);
+  ConstMatrixView<T> weight(weight_data, m, n);
+
+  // grad_x = grad weight: tiles of the (N, n) output, depth m.
+  const TileGrid x_grid = grad_x_data ? plan_tiles(N, n) : TileGrid{};
+
+  // grad_weight = grad^T x: tiles of the (m, n) output, depth N (the batch). When the weight
+  // is too small to give kTargetTasks tiles, the batch is also split into a fixed number of
+  // chunks: chunk 0 writes into grad_weight, the others into partial buffers added in order.
+  TileGrid w_grid;
+  Index chunks = 1, chunk_rows = N;
+  if (grad_weight_data != nullptr) {
+    // Tiles of the weight gradient are not cut below kMinWeightTile: with a long batch,
+    // splitting the batch into chunks costs less than packing it for many thin tiles.
+    w_grid = plan_tiles(m, n, kMinWeightTile, kMinWeightTile);
+    const Index tiles = std::max<Index>(w_grid.size(), 1);
+    if (tiles < detail::kTargetTasks && N >= 2 * kMinBatchChunk) {
+      const Index partial_bytes = std::max<Index>(detail::checked_mul(m * n, sizeof(T)), 1);
+      Index wanted = ceil_div(detail::kTargetTasks, tiles);
+      wanted = std::min({wanted, N / kMinBatchChunk, 1 + kMaxPartialBytes / partial_bytes});
+      if (wanted > 1) {
+        chunk_rows = round_up(ceil_div(N, wanted), 16);
+        chunks = ceil_div(N, chunk_rows);
+      }
+    }
+  }
+  Buffer<T> partials(grad_weight_data ? (chunks - 1) * m * n : 0);
+
+  const Index bias_tasks = grad_bias_data ? ceil_div(m, kBiasChunk) : 0;
+  const Index w_tasks = grad_weight_data ? chunks * w_grid.size() : 0;
+  const Index x_tasks = x_grid.size();
+  const Index num_tasks = w_tasks + x_tasks + bias_tasks;
+
+  double flops = 0;
+  if (grad_x_data) flops += gemm_flops(N, n, m);
+  if (grad_weight_data) flops += gemm_flops(m, n, N);
+  const int team = flops < detail::kSerialFlops ? 1 : detail::team_for(num_tasks, num_threads);
+
+  detail::parallel_for(num_tasks, team, [&](Index task, int) {
+    if (task < w_tasks) {
+      const Index chunk = task / w_grid.size(), tile = task % w_grid.size();
+      const Index k0 = chunk * chunk_rows, rows = std::min(chunk_rows, N - k0);
+      T* out = chunk == 0 ? grad_weight_data : partials.data() + (chunk - 1) * m * n;
+      MatrixView<T> dw(out, m, n);
+      const Index r0 = w_grid.row0(tile), c0 = w_grid.col0(tile);
+      const Index nr = w_grid.nrows(tile), nc = w_grid.ncols(tile);
+      // N == 0: the product with empty depth assigns zeros (an empty sum).
+      dw.block(r0, c0, nr, nc).noalias() =
+          grad.block(k0, r0, rows, nr).transpose() * x.block(k0, c0, rows, nc);
+      return;
+    }
+    task -= w_tasks;
+    if (task < x_tasks) {
+      MatrixView<T> dx(grad_x_data, N, n);
+      const Index r0 = x_grid.row0(task), c0 = x_grid.col0(task);
+      const Index nr = x_grid.nrows(task), nc = x_grid.ncols(task);
+      dx.block(r0, c0, nr, nc).noalias() = grad.middleRows(r0, nr) * weight.middleCols(c0, nc);
+      return;
+    }
+    task -= x_tasks;
+    // grad_bias: the batch summed in order k = 0, 1, ..., whole rows at a time (vectorised
+    // across columns, fixed order).
+    const Index c0 = task * kBiasChunk, nc = std::min(kBiasChunk, m - c0);
+    RowVectorView<T> db(grad_bias_data + c0, nc);
+    db.setZero();
+    for (Index k = 0; k < N; ++k) db += grad.row(k).segment(c0, nc);
+  });
+
+  if (chunks > 1) {
+    // Add the batch chunks' partial weight gradients in chunk order, tile by tile.
+    detail::parallel_for(w_grid.size(), team, [&](Index tile, int) {
+      MatrixView<T> dw(grad_weight_data, m, n);
+      const Index r0 = w_grid.row0(tile), c0 = w_grid.col0(tile);
+      const Index nr = w_grid.nrows(tile), nc = w_grid.ncols(tile);
+      for (Index chunk = 1; chunk < chunks; ++chunk) {
+        ConstMatrixView<T> part(partials.data() + (chunk - 1) * m * n, m, n);
+        dw.block(r0, c0, nr, nc) += part.block(r0, c0, nr, nc);
+      }
+    });
+  }
+}
+
+template void linear_forward<float>(const float*, const float*, const float*, float*,
+                                    const LinearShape&, int);
+template void linear_forward<double>(const double*, const double*, const double*, double*,
+                                     const LinearShape&, int);
+template void linear_backward<float>(const float*, const float*, const float*, float*, float*,
+                                     float*, const LinearShape&, int);
+template void linear_backward<double>(const double*, const double*, const double*, double*, double*,
+                                      double*, const LinearShape&, int);
+
+}  // namespace linmaps

@@ -1,0 +1,87 @@
+// Shared header of the pybind11 layer of linmaps._core: one bind_<area>(py::module_&) per
+// binding file, plus the small helpers they share. _core is private and thin: the public
+// API, argument validation and docstrings live in python/linmaps; the checks here are only a
+// last line of defence (they raise ValueError / TypeError instead of reading out of bounds).
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <initializer_list>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+
+namespace linmaps {
+namespace py = pybind11;
+
+// C-contiguous arrays of exactly T. Without py::array::forcecast, and with every array
+// argument declared .noconvert(), pybind11 never makes a silent converted copy: an array of
+// another dtype or layout simply matches no overload (TypeError).
+template <class T>
+using Array = py::array_t<T, py::array::c_style>;
+
+void bind_info(py::module_& m);
+void bind_threads(py::module_& m);
+void bind_linear(py::module_& m);
+void bind_bilinear(py::module_& m);
+
+namespace binding {
+
+inline std::string shape_string(const py::array& array) {
+  std::string text = "(";
+  for (py::ssize_t axis = 0; axis < array.ndim(); ++axis) {
+    if (axis > 0) text += ", ";
+    text += std::to_string(array.shape(axis));
+  }
+  return text + (array.ndim() == 1 ? ",)" : ")");
+}
+
+// Throws std::invalid_argument (ValueError) unless `array` has exactly this shape.
+inline void require_shape(const py::array& array, const char* name,
+                          std::initializer_list<Index> expected) {
+  bool ok = array.ndim() == static_cast<py::ssize_t>(expected.size());
+  py::ssize_t axis = 0;
+  for (Index extent : expected) {
+    if (!ok) break;
+    ok = array.shape(axis++) == extent;
+  }
+  if (!ok) {
+    std::string wanted = "(";
+    for (Index extent : expected) wanted += std::to_string(extent) + ", ";
+    if (expected.size() > 1) wanted.resize(wanted.size() - 2);
+    throw std::invalid_argument(std::string(name) + " must have shape " + wanted + ")" + ", got " +
+                                shape_string(array));
+  }
+}
+
+inline void require_ndim(const py::array& array, const char* name, py::ssize_t ndim) {
+  if (array.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must be " + std::to_string(ndim) +
+                                "-D, got shape " + shape_string(array));
+  }
+}
+
+// A new, uninitialised, C-contiguous array (allocated with the GIL held; the kernels
+// write every element).
+template <class T>
+Array<T> new_array(std::initializer_list<Index> shape) {
+  return Array<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+template <class T>
+py::object array_or_none(bool wanted, Array<T>& array) {
+  return wanted ? py::object(array) : py::object(py::none());
+}
+
+template <class T>
+T* data_or_null(bool wanted, Array<T>& array) {
+  return wanted ? array.mutable_data() : nullptr;
+}
+
+}  // namespace binding
+}  // namespace linmaps

@@ -1,0 +1,127 @@
+"""Type stubs for linmaps._core, the private compiled core (csrc/).
+
+The same stubs describe _core_avx2, _core_avx512 and _core_native: one module per
+instruction set, compiled from the same sources (linmaps._dispatch picks one at import).
+
+Every kernel exists for float32 and float64. Array arguments must be C-contiguous numpy
+arrays of exactly one of those dtypes, all the same: there is no implicit conversion, so
+anything else matches no overload and raises TypeError. Inconsistent shapes raise
+ValueError. Results are new C-contiguous arrays; gradients not requested are None.
+"""
+
+from typing import overload
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+eigen_version: str
+compiler: str
+cxx_flags: str
+simd: str
+openmp: int
+isa: str
+"""Instruction-set level this module was compiled for: baseline, avx2, avx512 or native."""
+
+def cpu_supports(level: str) -> bool:
+    """Whether this CPU and OS can run 'baseline', 'avx2' (x86-64-v3) or 'avx512' (x86-64-v4)."""
+
+def get_max_threads() -> int:
+    """omp_get_max_threads() of the calling thread."""
+
+def get_num_threads() -> int:
+    """Threads a call made now from this Python thread may use."""
+
+def set_num_threads(n: int) -> None:
+    """Process-wide number of threads, n >= 1 (ValueError otherwise)."""
+
+def get_thread_setting() -> int:
+    """The process-wide setting (OpenMP's default until set_num_threads)."""
+
+def team_size() -> int:
+    """Size of the OpenMP team a kernel's parallel region would get now from this thread."""
+
+@overload
+def linear_forward(
+    x: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+) -> npt.NDArray[np.float32]: ...
+@overload
+def linear_forward(
+    x: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    bias: npt.NDArray[np.float64] | None,
+) -> npt.NDArray[np.float64]: ...
+@overload
+def linear_backward(
+    grad: npt.NDArray[np.float32],
+    x: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.float32] | None,
+]: ...
+@overload
+def linear_backward(
+    grad: npt.NDArray[np.float64],
+    x: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[
+    npt.NDArray[np.float64] | None,
+    npt.NDArray[np.float64] | None,
+    npt.NDArray[np.float64] | None,
+]: ...
+@overload
+def bilinear_forward(
+    x1: npt.NDArray[np.float32],
+    x2: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+) -> npt.NDArray[np.float32]: ...
+@overload
+def bilinear_forward(
+    x1: npt.NDArray[np.float64],
+    x2: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    bias: npt.NDArray[np.float64] | None,
+) -> npt.NDArray[np.float64]: ...
+@overload
+def bilinear_backward(
+    grad: npt.NDArray[np.float32],
+    x1: npt.NDArray[np.float32],
+    x2: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    need_x1: bool,
+    need_x2: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.float32] | None,
+]: ...
+@overload
+def bilinear_backward(
+    grad: npt.NDArray[np.float64],
+    x1: npt.NDArray[np.float64],
+    x2: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    need_x1: bool,
+    need_x2: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[
+    npt.NDArray[np.float64] | None,
+    npt.NDArray[np.float64] | None,
+    npt.NDArray[np.float64] | None,
+    npt.NDArray[np.float64] | None,
+]: ...

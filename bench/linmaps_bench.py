@@ -248,6 +248,10 @@ class Backend:
         """None if the backend can run here, else why not."""
         return None
 
+    def worker_env(self) -> dict:
+        """Extra environment of the worker process that runs this backend."""
+        return {}
+
     def info(self) -> dict:
         return {}
 
@@ -332,6 +336,37 @@ class LinmapsBackend(FunctionalBackend):
         linmaps.set_num_threads(n)
 
 
+class CpuLevelBackend(LinmapsBackend):
+    """``cpp@LEVEL``: the compiled backend forced to one instruction-set level.
+
+    Runs in a worker started with ``LINMAPS_CPU=LEVEL``, so one run compares, for example,
+    the dispatched kernels with a ``-march=native`` build's (``cpp@native``) or the baseline.
+    """
+
+    def __init__(self, level):
+        super().__init__("cpp")
+        self.name = f"cpp@{level}"
+        self.level = level
+
+    def unavailable_reason(self):
+        reason = super().unavailable_reason()
+        if reason is not None:
+            return reason
+        from linmaps import _cpp_backend
+
+        if self.level not in _cpp_backend.available_isas:
+            return f"level {self.level!r} not available here ({list(_cpp_backend.available_isas)})"
+        return None
+
+    def worker_env(self):
+        return {"LINMAPS_CPU": self.level}
+
+    def info(self):
+        from linmaps import _cpp_backend
+
+        return {**super().info(), "isa": _cpp_backend.isa}
+
+
 class TorchBackend(Backend):
     """``torch.nn.functional.linear``/``bilinear`` on CPU and autograd for the backward pass.
 
@@ -404,6 +439,15 @@ BACKENDS: dict = {}
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend in the registry under ``backend.name``."""
     BACKENDS[backend.name] = backend
+
+
+def lookup_backend(name: str) -> Backend:
+    """The registered backend ``name``; ``cpp@LEVEL`` ones are made on first use."""
+    if name not in BACKENDS and name.startswith("cpp@"):
+        register_backend(CpuLevelBackend(name[len("cpp@") :]))
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}, cpp@LEVEL")
+    return BACKENDS[name]
 
 
 for _builtin in (LinmapsBackend("cpp"), LinmapsBackend("python"), TorchBackend()):
@@ -851,7 +895,7 @@ def _worker_main(connection_fd: int) -> None:
     conn = Connection(connection_fd)
     try:
         backend_name, threads, dtype, seed, memory_problem = conn.recv()
-        session = BackendSession(BACKENDS[backend_name], threads, dtype, seed, memory_problem)
+        session = BackendSession(lookup_backend(backend_name), threads, dtype, seed, memory_problem)
         conn.send(("ok", session.describe()))
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -898,6 +942,7 @@ class _WorkerProxy:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(settings.threads)  # pools sized right from the start
+        env.update(backend.worker_env())
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
             env=env,
@@ -1117,9 +1162,7 @@ def _resolve_backends(backends) -> list:
     resolved = []
     for backend in backends:
         if isinstance(backend, str):
-            if backend not in BACKENDS:
-                raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-            backend = BACKENDS[backend]
+            backend = lookup_backend(backend)
         resolved.append(backend)
     if len({b.name for b in resolved}) != len(resolved):
         raise ValueError("a backend is listed twice")

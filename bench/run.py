@@ -89,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         default="cpp,python,torch",
-        help="comma-separated (default: %(default)s); unavailable ones are reported, not errors",
+        help="comma-separated (default: %(default)s); unavailable ones are reported, not "
+        "errors. cpp@LEVEL forces the compiled backend's instruction set (LINMAPS_CPU=LEVEL: "
+        "baseline, avx2, avx512, or native in a LINMAPS_NATIVE=ON build)",
     )
     parser.add_argument(
         "--repeat",
@@ -146,10 +148,11 @@ def main(argv=None) -> int:
             print(f"{case.id:28} {case.describe()}")
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in linmaps_bench.BACKENDS]
+    unknown = [b for b in backends if b not in linmaps_bench.BACKENDS and not b.startswith("cpp@")]
     if unknown or not backends:
         print(
-            f"error: unknown backend(s) {unknown}; known: {', '.join(linmaps_bench.BACKENDS)}",
+            f"error: unknown backend(s) {unknown}; known: {', '.join(linmaps_bench.BACKENDS)}, "
+            "cpp@LEVEL (LEVEL: baseline, avx2, avx512, native)",
             file=sys.stderr,
         )
         return 2

@@ -43,19 +43,34 @@ class BilinearGrads(NamedTuple):
     grad_bias: np.ndarray | None
 
 
-def _shapes(**arrays) -> str:
-    return ", ".join(f"{name} shape {a.shape}" for name, a in arrays.items())
+class _Shapes:
+    """The arguments' shapes for an error message, formatted only if an error is raised."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, **arrays):
+        self.arrays = arrays
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} shape {a.shape}" for name, a in self.arrays.items())
+
+
+_shapes = _Shapes
 
 
 def _flat(array, features):
     """``array (..., features)`` as 2-D ``(batch, features)``; explicit so 0-sized dims work."""
+    if array.ndim == 2:
+        return array
     return array.reshape(math.prod(array.shape[:-1]), features)
 
 
 def _restore(array, shape, dtype):
     if array is None:
         return None
-    return array.reshape(shape).astype(dtype, copy=False)
+    if array.shape != shape:
+        array = array.reshape(shape)
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- linear

@@ -13,10 +13,13 @@ _SUPPORTED = "a real floating-point (float16, float32, float64), integer or bool
 
 def as_array(fname: str, name: str, value) -> np.ndarray:
     """``value`` as an ndarray (no copy), rejecting dtypes we cannot compute in."""
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{fname}(): {name} cannot be converted to an array: {exc}") from None
+    if type(value) is np.ndarray:
+        array = value
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{fname}(): {name} cannot be converted to an array: {exc}") from None
     kind = array.dtype.kind
     if kind in "biu":
         return array
@@ -29,6 +32,13 @@ def as_array(fname: str, name: str, value) -> np.ndarray:
 
 def result_dtype(*arrays: np.ndarray) -> np.dtype:
     """The dtype of the results: NumPy promotion, with bool and integer inputs as float64."""
+    first = arrays[0].dtype
+    for a in arrays:
+        if a.dtype != first:
+            break
+    else:
+        if first.kind == "f":  # the common case, all one float dtype: no promotion needed
+            return first
     dtypes = [np.dtype(np.float64) if a.dtype.kind in "biu" else a.dtype for a in arrays]
     return np.result_type(*dtypes)
 

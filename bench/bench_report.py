@@ -142,10 +142,12 @@ def format_case(case, result) -> str:
 
 
 def format_summary(result) -> str:
-    """Every case and operation on one line: medians and the cpp speedups."""
+    """Every case and operation on one line: medians, and speedups of the reference backend
+    (``cpp`` when it ran, else the first backend listed, e.g. ``cpp@avx512``)."""
     names = [n for n in _backend_names(result) if result["backends"][n]["available"]]
-    others = [n for n in names if n != "cpp"]
-    headers = ["case", "op", *names, *(f"cpp vs {n}" for n in others if "cpp" in names)]
+    ref = "cpp" if "cpp" in names else (names[0] if names else None)
+    others = [n for n in names if n != ref]
+    headers = ["case", "op", *names, *(f"{ref} vs {n}" for n in others)]
     rows = []
     for case in result["cases"]:
         for op in result["settings"]["ops"]:
@@ -157,12 +159,15 @@ def format_summary(result) -> str:
                     if record["status"] == "ok"
                     else record["status"].upper()
                 )
-            if "cpp" in names:
-                row.extend(_ratio(case["speedups"][op].get(f"cpp_vs_{n}")) for n in others)
+            base = case["results"][ref][op] if ref else None
+            for name in others:
+                other = case["results"][name][op]
+                ok = base is not None and base["status"] == "ok" and other["status"] == "ok"
+                row.append(_ratio(other["median_s"] / base["median_s"] if ok else None))
             rows.append(row)
     title = (
-        "summary: median time per call; 'cpp vs X' = X's median / cpp's median "
-        "(above 1: cpp is faster)"
+        f"summary: median time per call; '{ref} vs X' = X's median / {ref}'s median "
+        f"(above 1: {ref} is faster)"
     )
     return title + "\n" + render_table(headers, rows, right_aligned=set(range(2, len(headers))))
 

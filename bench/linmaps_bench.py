@@ -349,9 +349,8 @@ class CpuLevelBackend(LinmapsBackend):
         self.level = level
 
     def unavailable_reason(self):
-        reason = super().unavailable_reason()
-        if reason is not None:
-            return reason
+        if "cpp" not in linmaps.available_backends():
+            return LinmapsBackend("cpp").unavailable_reason()
         from linmaps import _cpp_backend
 
         if self.level not in _cpp_backend.available_isas:

@@ -209,3 +209,14 @@ def test_case_selection():
     assert [c.id for c in lb.select_cases("linear-1x")] == ["linear-1x64x64"]
     with pytest.raises(ValueError, match="matches no case"):
         lb.select_cases("nonsense")
+
+
+def test_cpu_level_backends():
+    available = "cpp" in linmaps.available_backends()
+    baseline = lb.lookup_backend("cpp@baseline")
+    assert baseline.name == "cpp@baseline"
+    assert baseline.worker_env() == {"LINMAPS_CPU": "baseline"}
+    assert (baseline.unavailable_reason() is None) == available
+    assert lb.lookup_backend("cpp@sse9").unavailable_reason() is not None
+    with pytest.raises(ValueError, match="unknown backend 'fortran'"):
+        lb.lookup_backend("fortran")

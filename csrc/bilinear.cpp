@@ -3,9 +3,11 @@
 // all outputs at once; docs/kernels.md has the measurements behind the choice).
 //
 // Notation. One input, P (N x p), goes through the GEMMs; the other, Q (N x q), only through
-// row dots and scalings. The weight is permuted once per call into
+// row dots and scalings. The weight is used as
 //     What (p x L*q),  What[i, l*q + j] = A[l, i, j]   (P = x1, Q = x2)
-//                     or A[l, j, i]                   (P = x2, Q = x1, "swapped").
+//                     or A[l, j, i]                   (P = x2, Q = x1, "swapped"),
+// read in place one output at a time, or for narrow outputs (q < 64) from a permuted copy
+// made once per call (WeightColumns).
 // We take p = max(in1, in2): the GEMM depth is then the longer input (better GEMM
 // efficiency) and the intermediates, L*q wide per sample, the narrower.
 //   forward:   T = P What  (N x Lq),   z[k,l] = sum_j T[k, lq+j] Q[k,j] + b[l]
@@ -46,8 +48,8 @@ constexpr Index kMaxWeightTileCols = 480;
 // never take more than this.
 constexpr Index kMaxPartialBytes = Index(32) << 20;
 // Outputs at least this wide are multiplied straight from the weight, one at a time (see
-// WeightColumns).
-constexpr Index kDirectMinCols = 256;
+// WeightColumns); narrower ones several at a time from a permuted copy.
+constexpr Index kDirectMinCols = 64;
 // Weights with fewer elements than this are permuted on the calling thread.
 constexpr Index kParallelPackElements = Index(1) << 16;
 
@@ -104,13 +106,15 @@ Plan make_plan(const BilinearShape& shape) {
 
 // The columns of What, read either from a permuted copy or straight from the weight.
 //
-// Permuting costs one pass over the weight per call, which matters when the batch is short
-// (the weight is then a large part of the memory traffic: (64, 512, 512, 8) spent a third of
-// its forward time permuting). But a chunk of What that lies within one output l is just a
-// block of A[l] (or of its transpose when swapped) and needs no copy at all. So narrow
-// outputs (q < kDirectMinCols), whose GEMMs would be too narrow one output at a time, are
-// permuted and multiplied several outputs per chunk; wider ones are read in place, one
-// output (or part of one) per chunk.
+// A chunk of What that lies within one output l is just a block of A[l] (or of its
+// transpose when swapped): Eigen packs it for its GEBP kernel directly, with no permuted
+// copy. Permuting costs a pass over the weight per call, which shows when the batch is short
+// (the weight is then a large part of the memory traffic). Measured (float32, 2 threads,
+// docs/kernels.md): reading in place raised (64,512,512,8) forward from ~161 to ~189
+// GFLOP/s, (64,128,128,64) from ~132 to ~178, and (256,64,64,64) forward+backward from ~121
+// to ~174; for q < 64 one output is narrower than Eigen's 48-row panels would like and
+// multiplying several outputs per chunk of the permuted copy is as fast or faster
+// ((2048,128,16,64): 164 vs 152). Hence kDirectMinCols.
 template <class T>
 class WeightColumns {
  public:

@@ -287,6 +287,8 @@ BILINEAR_STRUCTURAL = [
     (2000, 17, 5, 33),  # many row blocks, narrow q
     (5, 3, 200, 40),  # weight tiles cutting across outputs
     (260, 1, 1, 1),
+    (70, 300, 260, 3),  # q >= 64: What read in place from the weight, q > 256 double chunk
+    (40, 70, 90, 5),  # in place, swapped (A[l] transposed), several outputs per task
 ]
 LINEAR_STRUCTURAL = [
     (300, 50, 70),
@@ -353,7 +355,14 @@ def test_empty_sums_are_zero():
 # Determinism and threads
 
 # Large enough to run in parallel (> 1 MFLOP) and to exercise every task grid.
-DETERMINISM_BILINEAR = [(300, 40, 50, 20), (64, 70, 30, 9), (700, 33, 31, 17), (130, 17, 600, 2)]
+DETERMINISM_BILINEAR = [
+    (300, 40, 50, 20),
+    (64, 70, 30, 9),
+    (700, 33, 31, 17),
+    (130, 17, 600, 2),
+    (150, 300, 280, 4),
+    (100, 64, 96, 12),
+]
 DETERMINISM_LINEAR = [(600, 530, 250), (5000, 20, 30), (64, 300, 1000)]
 
 

@@ -68,6 +68,40 @@ py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const A
                         binding::array_or_none(need_bias, grad_bias));
 }
 
+// The front end's fast path: the result if every argument is already exactly what the
+// validated path would pass on (so the same kernel runs on the same arrays), else None; never
+// raises for bad arguments, so that the Python front reports errors as it always does.
+template <class T>
+py::object bilinear_forward_fast_t(py::handle x1, py::handle x2, py::handle weight,
+                                   py::handle bias) {
+  using binding::exact_array;
+  if (!exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) || !exact_array<T>(weight, 3)) {
+    return py::none();
+  }
+  const auto a1 = py::reinterpret_borrow<Array<T>>(x1);
+  const auto a2 = py::reinterpret_borrow<Array<T>>(x2);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1)) {
+    return py::none();
+  }
+  std::optional<Array<T>> b;
+  if (!bias.is_none()) {
+    if (!exact_array<T>(bias, 1)) return py::none();
+    b = py::reinterpret_borrow<Array<T>>(bias);
+    if (b->shape(0) != w.shape(0)) return py::none();
+  }
+  return bilinear_forward_py<T>(a1, a2, w, b);
+}
+
+py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight,
+                                 py::handle bias) {
+  if (binding::exact_array<float>(x1, 2)) return bilinear_forward_fast_t<float>(x1, x2, weight, bias);
+  if (binding::exact_array<double>(x1, 2)) {
+    return bilinear_forward_fast_t<double>(x1, x2, weight, bias);
+  }
+  return py::none();
+}
+
 template <class T>
 void define(py::module_& m) {
   m.def("bilinear_forward", &bilinear_forward_py<T>, py::arg("x1").noconvert(),
@@ -86,6 +120,10 @@ void define(py::module_& m) {
 void bind_bilinear(py::module_& m) {
   define<float>(m);
   define<double>(m);
+  m.def("bilinear_forward_fast", &bilinear_forward_fast, py::arg("x1"), py::arg("x2"),
+        py::arg("weight"), py::arg("bias").none(true),
+        "bilinear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of "
+        "one dtype and matching shapes, else None (never raises for bad arguments).");
 }
 
 }  // namespace linmaps

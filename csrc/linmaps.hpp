@@ -73,6 +73,20 @@ Array<T> new_array(std::initializer_list<Index> shape) {
   return Array<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
 
+// Whether `h` is exactly a numpy.ndarray (no subclass) of dtype T in native byte order,
+// C-contiguous, with `ndim` dimensions: what the validated front end would pass unchanged.
+template <class T>
+bool exact_array(py::handle h, py::ssize_t ndim) {
+  auto& api = py::detail::npy_api::get();
+  if (Py_TYPE(h.ptr()) != api.PyArray_Type_) return false;
+  const auto* proxy = py::detail::array_proxy(h.ptr());
+  if (proxy->nd != ndim) return false;
+  if (!(proxy->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) return false;
+  const auto* descr = py::detail::array_descriptor_proxy(proxy->descr);
+  return descr->type_num == py::detail::npy_format_descriptor<T>::value &&
+         descr->byteorder != '>';
+}
+
 template <class T>
 py::object array_or_none(bool wanted, Array<T>& array) {
   return wanted ? py::object(array) : py::object(py::none());

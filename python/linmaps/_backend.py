@@ -31,6 +31,11 @@ except _dispatch.CpuLevelError:
 except Exception as exc:  # any failure to load the compiled module means "use NumPy"
     _cpp_error = f"{type(exc).__name__}: {exc}"
 
+# The dispatched kernel module when it has the front end's fast paths (None otherwise).
+fast_core = None
+if _cpp_backend is not None and hasattr(_cpp_backend._core, "bilinear_forward_fast"):
+    fast_core = _cpp_backend._core
+
 _env_choice = os.environ.get("LINMAPS_BACKEND", "").strip().lower() or None
 if _env_choice is not None and _env_choice not in BACKENDS:
     raise ValueError(

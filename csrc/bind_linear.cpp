@@ -57,6 +57,30 @@ py::tuple linear_backward_py(const Array<T>& grad, const Array<T>& x, const Arra
                         binding::array_or_none(need_bias, grad_bias));
 }
 
+// The front end's fast path (see bilinear_forward_fast): the result if the arguments are
+// exactly what the validated path would pass on, else None; never raises for bad arguments.
+template <class T>
+py::object linear_forward_fast_t(py::handle x, py::handle weight, py::handle bias) {
+  using binding::exact_array;
+  if (!exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) return py::none();
+  const auto a = py::reinterpret_borrow<Array<T>>(x);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (w.shape(1) != a.shape(1)) return py::none();
+  std::optional<Array<T>> b;
+  if (!bias.is_none()) {
+    if (!exact_array<T>(bias, 1)) return py::none();
+    b = py::reinterpret_borrow<Array<T>>(bias);
+    if (b->shape(0) != w.shape(0)) return py::none();
+  }
+  return linear_forward_py<T>(a, w, b);
+}
+
+py::object linear_forward_fast(py::handle x, py::handle weight, py::handle bias) {
+  if (binding::exact_array<float>(x, 2)) return linear_forward_fast_t<float>(x, weight, bias);
+  if (binding::exact_array<double>(x, 2)) return linear_forward_fast_t<double>(x, weight, bias);
+  return py::none();
+}
+
 template <class T>
 void define(py::module_& m) {
   m.def("linear_forward", &linear_forward_py<T>, py::arg("x").noconvert(),
@@ -73,6 +97,10 @@ void define(py::module_& m) {
 void bind_linear(py::module_& m) {
   define<float>(m);
   define<double>(m);
+  m.def("linear_forward_fast", &linear_forward_fast, py::arg("x"), py::arg("weight"),
+        py::arg("bias").none(true),
+        "linear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of "
+        "one dtype and matching shapes, else None (never raises for bad arguments).");
 }
 
 }  // namespace linmaps

@@ -73,3 +73,48 @@ def test_fast_path_skipped_for_python_backend(monkeypatch):
     assert calls == []
     linmaps.bilinear(x1, x2, w, b)
     assert len(calls) == 1
+
+
+def _linear_args(dtype):
+    rng = np.random.default_rng(1)
+    return (
+        rng.standard_normal((3, 5)).astype(dtype),
+        rng.standard_normal((4, 5)).astype(dtype),
+        rng.standard_normal(4).astype(dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_fast_path_bit_identical(dtype, with_bias, monkeypatch):
+    x, w, b = _linear_args(dtype)
+    b = b if with_bias else None
+    fast = _backend.fast_core.linear_forward_fast(x, w, b)
+    assert fast is not None and fast.dtype == dtype and fast.shape == (3, 4)
+    via_api = linmaps.linear(x, w, b)
+    monkeypatch.setattr(_backend, "fast_core", None)
+    slow = linmaps.linear(x, w, b)
+    assert np.array_equal(fast.view(np.uint8), slow.view(np.uint8))
+    assert np.array_equal(via_api.view(np.uint8), slow.view(np.uint8))
+
+
+def _linear_declined():
+    x, w, b = _linear_args(np.float32)
+    yield "list input", (x.tolist(), w, b)
+    yield "mixed dtypes", (x, w.astype(np.float64), b)
+    yield "float16", tuple(a.astype(np.float16) for a in (x, w, b))
+    yield "non-contiguous", (np.asfortranarray(x), w, b)
+    yield "byte-swapped", (x, w.astype(w.dtype.newbyteorder()), b)
+    yield "subclass", (x, w.view(np.matrix), b)
+    yield "1-D input", (x[0], w, b)
+    yield "3-D input", (x[None], w, b)
+    yield "feature mismatch", (x[:, :4], w, b)
+    yield "bias length", (x, w, b[:1])
+    yield "bias dtype", (x, w, b.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "name,args", list(_linear_declined()), ids=[n for n, _ in _linear_declined()]
+)
+def test_linear_fast_path_declines(name, args):
+    assert _backend.fast_core.linear_forward_fast(*args) is None

@@ -33,7 +33,9 @@ except Exception as exc:  # any failure to load the compiled module means "use N
 
 # The dispatched kernel module when it has the front end's fast paths (None otherwise).
 fast_core = None
-if _cpp_backend is not None and hasattr(_cpp_backend._core, "bilinear_forward_fast"):
+if _cpp_backend is not None and all(
+    hasattr(_cpp_backend._core, f) for f in ("bilinear_forward_fast", "linear_forward_fast")
+):
     fast_core = _cpp_backend._core
 
 _env_choice = os.environ.get("LINMAPS_BACKEND", "").strip().lower() or None

@@ -93,9 +93,9 @@ py::object bilinear_forward_fast_t(py::handle x1, py::handle x2, py::handle weig
   return bilinear_forward_py<T>(a1, a2, w, b);
 }
 
-py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight,
-                                 py::handle bias) {
-  if (binding::exact_array<float>(x1, 2)) return bilinear_forward_fast_t<float>(x1, x2, weight, bias);
+py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight, py::handle bias) {
+  if (binding::exact_array<float>(x1, 2))
+    return bilinear_forward_fast_t<float>(x1, x2, weight, bias);
   if (binding::exact_array<double>(x1, 2)) {
     return bilinear_forward_fast_t<double>(x1, x2, weight, bias);
   }

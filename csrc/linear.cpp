@@ -15,17 +15,26 @@ namespace {
 using detail::ceil_div;
 using detail::round_up;
 
-// Largest output tile of one GEMM task. 256 x 256 outputs over a depth of K cost 2*64K*K
-// flops, enough to amortise Eigen packing both operand panels for the tile (an overhead of
-// about 1/256 + 1/256 of the flops), while a 256-row panel of the left operand at Eigen's
-// depth blocking (kc ~ 256-512) still fits L2.
-constexpr Index kMaxTileRows = 256;
-constexpr Index kMaxTileCols = 480;  // 10 GEBP panels of 48
-// Tiles are not shrunk below these to reach kTargetTasks: smaller tiles spend more of their
-// time packing operands than multiplying them.
-constexpr Index kMinTileRows = 64;
-constexpr Index kMinTileCols = 96;
-constexpr Index kMinWeightTile = 128;
+// Tile limits for one output. Eigen's GEMM runs faster on bigger tiles (each tile packs its
+// own operand panels, and small tiles sit in Eigen's less efficient edge paths): measured
+// single-threaded, float32, depth 1024: a 256 x 240 tile ran at 81 GFLOP/s, 256 x 480 at
+// 107, the whole 4096 x 1024 x 1024 product at 100. So tiles start at max_rows x max_cols
+// and are only cut further (down to min_rows x min_cols) until the grid has `target` tiles.
+struct TileLimits {
+  Index max_rows, max_cols, min_rows, min_cols, target;
+};
+// Tiles asked for per output. Fewer than the kTargetTasks of kernels.hpp: a linear map's
+// outputs are single GEMMs, and for them tile efficiency beat finer balancing. Measured,
+// float32, 2 threads: (256,512,512) forward 135-143 GFLOP/s with 8 tiles, 152-179 with 4;
+// backward 148 with 8 grad_x tiles, 192 with 4 (grad_x and grad_weight tiles share one task
+// pool, so the backward has 8 tasks anyway). 4 also divides evenly among 2 or 4 threads.
+constexpr Index kLinearTiles = 4;
+// Outputs whose depth is an input width (y, grad_x): at most 256 x 480 (10 GEBP panels).
+constexpr TileLimits kOutputTiles{256, 480, 64, 96, kLinearTiles};
+// grad_weight, whose depth is the whole batch: bigger tiles (a 1024 x 1024 gradient over a
+// 4096 batch: 88 GFLOP/s in 256 x 384 tiles, 95 in 512 x 512, 100 in one piece). When the
+// gradient is too small for kLinearTiles tiles, the batch is cut into chunks instead.
+constexpr TileLimits kWeightTiles{512, 1008, 128, 128, kLinearTiles};
 
 // The batch is split for the weight gradient only into chunks of at least this many rows,
 // and only while the partial sums fit kMaxPartialBytes.
@@ -52,25 +61,24 @@ Index balanced_tile(Index extent, Index count, Index granule) {
   return std::max<Index>(1, std::min(extent, round_up(ceil_div(extent, count), granule)));
 }
 
-// Tile a rows x cols row-major output: start from tiles of at most kMaxTileRows x
-// kMaxTileCols, then cut the larger side into twice as many tiles until there are
-// kTargetTasks tiles or the tiles reach their minimum size. Column tiles are multiples of
-// the GEBP panel (Eigen evaluates a row-major product as the transposed column-major one,
-// so our columns are its micro-kernel's rows); row tiles multiples of 16.
-TileGrid plan_tiles(Index rows, Index cols, Index min_rows = kMinTileRows,
-                    Index min_cols = kMinTileCols) {
+// Tile a rows x cols row-major output: start from tiles of at most max_rows x max_cols,
+// then cut the larger side into twice as many tiles until there are `target` tiles or the
+// tiles reach their minimum size. Column tiles are multiples of the GEBP panel (Eigen
+// evaluates a row-major product as the transposed column-major one, so our columns are its
+// micro-kernel's rows); row tiles multiples of 16.
+TileGrid plan_tiles(Index rows, Index cols, const TileLimits& limits) {
   TileGrid grid;
   grid.rows = rows;
   grid.cols = cols;
-  Index row_count = std::max<Index>(1, ceil_div(rows, kMaxTileRows));
-  Index col_count = std::max<Index>(1, ceil_div(cols, kMaxTileCols));
+  Index row_count = std::max<Index>(1, ceil_div(rows, limits.max_rows));
+  Index col_count = std::max<Index>(1, ceil_div(cols, limits.max_cols));
   grid.tile_rows = balanced_tile(rows, row_count, 16);
   grid.tile_cols = balanced_tile(cols, col_count, detail::kPanelMultiple);
-  while (grid.size() < detail::kTargetTasks) {
+  while (grid.size() < limits.target) {
     const Index split_cols = balanced_tile(cols, 2 * col_count, detail::kPanelMultiple);
     const Index split_rows = balanced_tile(rows, 2 * row_count, 16);
-    const bool can_split_cols = split_cols >= min_cols && split_cols < grid.tile_cols;
-    const bool can_split_rows = split_rows >= min_rows && split_rows < grid.tile_rows;
+    const bool can_split_cols = split_cols >= limits.min_cols && split_cols < grid.tile_cols;
+    const bool can_split_rows = split_rows >= limits.min_rows && split_rows < grid.tile_rows;
     if (can_split_cols && (grid.tile_cols >= grid.tile_rows || !can_split_rows)) {
       col_count *= 2;
       grid.tile_cols = split_cols;
@@ -98,7 +106,7 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
   ConstMatrixView<T> weight(weight_data, m, n);
   MatrixView<T> y(y_data, N, m);
 
-  const TileGrid grid = plan_tiles(N, m);
+  const TileGrid grid = plan_tiles(N, m, kOutputTiles);
   const int team =
       gemm_flops(N, m, n) < detail::kSerialFlops ? 1 : detail::team_for(grid.size(), num_threads);
   detail::parallel_for(grid.size(), team, [&](Index tile, int) {
@@ -125,21 +133,20 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
   ConstMatrixView<T> weight(weight_data, m, n);
 
   // grad_x = grad weight: tiles of the (N, n) output, depth m.
-  const TileGrid x_grid = grad_x_data ? plan_tiles(N, n) : TileGrid{};
+  const TileGrid x_grid = grad_x_data ? plan_tiles(N, n, kOutputTiles) : TileGrid{};
 
   // grad_weight = grad^T x: tiles of the (m, n) output, depth N (the batch). When the weight
-  // is too small to give kTargetTasks tiles, the batch is also split into a fixed number of
-  // chunks: chunk 0 writes into grad_weight, the others into partial buffers added in order.
+  // is too small to give kLinearTiles tiles, the batch is also split into a fixed number of
+  // chunks (for kLinearTiles tasks in all): chunk 0 writes into grad_weight, the others into
+  // partial buffers that are added in chunk order afterwards.
   TileGrid w_grid;
   Index chunks = 1, chunk_rows = N;
   if (grad_weight_data != nullptr) {
-    // Tiles of the weight gradient are not cut below kMinWeightTile: with a long batch,
-    // splitting the batch into chunks costs less than packing it for many thin tiles.
-    w_grid = plan_tiles(m, n, kMinWeightTile, kMinWeightTile);
+    w_grid = plan_tiles(m, n, kWeightTiles);
     const Index tiles = std::max<Index>(w_grid.size(), 1);
-    if (tiles < detail::kTargetTasks && N >= 2 * kMinBatchChunk) {
+    if (tiles < kLinearTiles && N >= 2 * kMinBatchChunk) {
       const Index partial_bytes = std::max<Index>(detail::checked_mul(m * n, sizeof(T)), 1);
-      Index wanted = ceil_div(detail::kTargetTasks, tiles);
+      Index wanted = ceil_div(kLinearTiles, tiles);
       wanted = std::min({wanted, N / kMinBatchChunk, 1 + kMaxPartialBytes / partial_bytes});
       if (wanted > 1) {
         chunk_rows = round_up(ceil_div(N, wanted), 16);

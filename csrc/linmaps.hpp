@@ -83,8 +83,7 @@ bool exact_array(py::handle h, py::ssize_t ndim) {
   if (proxy->nd != ndim) return false;
   if (!(proxy->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) return false;
   const auto* descr = py::detail::array_descriptor_proxy(proxy->descr);
-  return descr->type_num == py::detail::npy_format_descriptor<T>::value &&
-         descr->byteorder != '>';
+  return descr->type_num == py::detail::npy_format_descriptor<T>::value && descr->byteorder != '>';
 }
 
 template <class T>

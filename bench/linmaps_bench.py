@@ -258,6 +258,10 @@ class Backend:
     def set_num_threads(self, n: int) -> None:
         pass
 
+    def threads_for(self, suite_threads: int) -> int:
+        """Threads this backend runs with in a suite run with ``suite_threads`` (--threads)."""
+        return suite_threads
+
     def prepare(self, case: Case, inputs: dict) -> Any:
         return inputs
 
@@ -432,6 +436,47 @@ class TorchBackend(Backend):
         return [None if o is None else o.detach().numpy() for o in outputs]
 
 
+class ThreadCountBackend(Backend):
+    """``NAME/T``: backend ``NAME`` with ``T`` threads, whatever the suite's ``--threads``.
+
+    Listed next to ``NAME`` (``--backends cpp,cpp/1``), one run measures the thread scaling:
+    the summary's ``cpp vs cpp/1`` column is the speed-up of ``--threads`` over one thread,
+    both timed in the same run.
+    """
+
+    def __init__(self, base: Backend, threads: int):
+        self.base, self.threads = base, threads
+        self.name = f"{base.name}/{threads}"
+        self.builtin = base.builtin
+
+    def unavailable_reason(self):
+        return self.base.unavailable_reason()
+
+    def worker_env(self):
+        return self.base.worker_env()
+
+    def info(self):
+        return self.base.info()
+
+    def set_num_threads(self, n):
+        self.base.set_num_threads(n)
+
+    def threads_for(self, suite_threads):
+        return self.threads
+
+    def prepare(self, case, inputs):
+        return self.base.prepare(case, inputs)
+
+    def operation(self, case, op, prepared):
+        return self.base.operation(case, op, prepared)
+
+    def context(self, op):
+        return self.base.context(op)
+
+    def to_numpy(self, outputs):
+        return self.base.to_numpy(outputs)
+
+
 BACKENDS: dict = {}
 
 
@@ -441,11 +486,17 @@ def register_backend(backend: Backend) -> None:
 
 
 def lookup_backend(name: str) -> Backend:
-    """The registered backend ``name``; ``cpp@LEVEL`` ones are made on first use."""
-    if name not in BACKENDS and name.startswith("cpp@"):
-        register_backend(CpuLevelBackend(name[len("cpp@") :]))
+    """The registered backend ``name``; ``cpp@LEVEL`` and ``NAME/T`` ones are made on first use."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}, cpp@LEVEL")
+        base_name, slash, threads = name.rpartition("/")
+        if slash and threads.isdigit() and int(threads) >= 1:
+            register_backend(ThreadCountBackend(lookup_backend(base_name), int(threads)))
+        elif name.startswith("cpp@"):
+            register_backend(CpuLevelBackend(name[len("cpp@") :]))
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r}; known: {', '.join(BACKENDS)}, cpp@LEVEL, NAME/THREADS"
+        )
     return BACKENDS[name]
 
 
@@ -940,7 +991,7 @@ class _WorkerProxy:
         # The same linmaps (and torch) as this process, found the same way.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(settings.threads)  # pools sized right from the start
+            env[var] = str(backend.threads_for(settings.threads))  # pools sized from the start
         env.update(backend.worker_env())
         self._process = subprocess.Popen(
             [sys.executable, "-c", code],
@@ -953,7 +1004,7 @@ class _WorkerProxy:
         self._conn.send(
             (
                 backend.name,
-                settings.threads,
+                backend.threads_for(settings.threads),
                 settings.dtype,
                 settings.seed,
                 None if settings.measure_memory else "not requested (--no-memory)",
@@ -1005,7 +1056,7 @@ class _LocalProxy:
         self.name = backend.name
         self._session = BackendSession(
             backend,
-            settings.threads,
+            backend.threads_for(settings.threads),
             settings.dtype,
             settings.seed,
             memory_problem="runs in the harness's own process (a backend registered at run "

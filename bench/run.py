@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="cpp,python,torch",
         help="comma-separated (default: %(default)s); unavailable ones are reported, not "
         "errors. cpp@LEVEL forces the compiled backend's instruction set (LINMAPS_CPU=LEVEL: "
-        "baseline, avx2, avx512, or native in a LINMAPS_NATIVE=ON build)",
+        "baseline, avx2, avx512, or native in a LINMAPS_NATIVE=ON build); NAME/THREADS runs "
+        "NAME with that many threads (cpp/1 next to cpp: the thread scaling in one run)",
     )
     parser.add_argument(
         "--repeat",
@@ -148,11 +149,16 @@ def main(argv=None) -> int:
             print(f"{case.id:28} {case.describe()}")
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in linmaps_bench.BACKENDS and not b.startswith("cpp@")]
+    unknown = []
+    for name in backends:
+        try:
+            linmaps_bench.lookup_backend(name)
+        except ValueError:
+            unknown.append(name)
     if unknown or not backends:
         print(
             f"error: unknown backend(s) {unknown}; known: {', '.join(linmaps_bench.BACKENDS)}, "
-            "cpp@LEVEL (LEVEL: baseline, avx2, avx512, native)",
+            "cpp@LEVEL (LEVEL: baseline, avx2, avx512, native), NAME/THREADS (e.g. cpp/1)",
             file=sys.stderr,
         )
         return 2

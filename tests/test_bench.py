@@ -220,3 +220,27 @@ def test_cpu_level_backends():
     assert lb.lookup_backend("cpp@sse9").unavailable_reason() is not None
     with pytest.raises(ValueError, match="unknown backend 'fortran'"):
         lb.lookup_backend("fortran")
+
+
+def test_thread_count_backends_run_with_their_own_thread_count():
+    # "python/1" next to "python": one run measures the thread scaling. Each worker reports the
+    # thread count it really ran with (linmaps' setting and the BLAS pool threadpoolctl sees).
+    one = lb.lookup_backend("python/1")
+    assert one.name == "python/1" and one.threads_for(8) == 1
+    assert lb.lookup_backend("python").threads_for(8) == 8
+    for bad in ("python/0", "python/x", "fortran/2"):
+        with pytest.raises(ValueError, match="unknown backend"):
+            lb.lookup_backend(bad)
+    if lb.usable_cpus() < 2:
+        pytest.skip("needs 2 usable CPUs to tell 1 thread from 2")
+    settings = lb.Settings.for_mode(True, threads=2, measure_memory=False, gemm_size=256)
+    result = lb.run_suite(lb.select_cases("linear:3x4x2"), ["python", "python/1"], settings, False)
+    for name, threads in (("python", 2), ("python/1", 1)):
+        status = result["backends"][name]
+        assert status["isolated"] is True  # its own worker process, sized from the start
+        assert status["info"]["threads"] == threads
+        blas = [p for p in status["threads"]["pools"] if p.get("user_api") == "blas"]
+        assert blas and all(p["num_threads"] == threads for p in blas)
+    case = result["cases"][0]
+    assert all(record["status"] == "ok" for record in case["results"]["python/1"].values())
+    assert "cpp_vs_python/1" in case["speedups"]["forward"]

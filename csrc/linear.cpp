@@ -6,7 +6,6 @@
 // of a small weight with a long batch: there the batch is cut into a fixed number of chunks
 // whose partial sums are added in chunk order afterwards (still shape-only).
 #include "kernels.hpp"
-#include "packed_gemm.hpp"
 
 #include <vector>
 
@@ -97,18 +96,6 @@ double gemm_flops(Index a, Index b, Index c) {
   return 2.0 * static_cast<double>(a) * static_cast<double>(b) * static_cast<double>(c);
 }
 
-// Whether an output (rows x cols, summing over depth) goes through detail::packed_gemm, whose
-// threads share packed panels, instead of one Eigen product per tile. Measured float32, 2
-// threads, as NumPy time / linmaps time, interleaved in one process (tiled -> packed): the
-// packed GEMM won where the depth is at most the smaller output side, i.e. where each packed
-// panel serves many tiles: forward of (4096,1024,1024) 1.10 -> 1.15, 1.09 -> 1.18, 1.19 ->
-// 1.25; grad_weight of (64,4096,4096) 1.33 -> 1.50, 1.32 -> 1.61, 1.38 -> 1.44 and of
-// (256,512,512) 1.09 -> 1.14, 1.10 -> 1.15, 1.05 -> 1.10. It lost where the depth is
-// longer (one run each): grad_weight of (4096,1024,1024) 1.14 -> 1.06 and of
-// (16384,128,128) 2.15 -> 1.44 (the tiled path cuts that batch into chunks), forward of
-// (64,4096,4096) 1.41 -> 1.32 and of (256,512,512) 1.38 -> 1.32.
-bool use_packed_gemm(Index rows, Index cols, Index depth) { return depth <= std::min(rows, cols); }
-
 }  // namespace
 
 template <class T>
@@ -118,24 +105,6 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
   ConstMatrixView<T> x(x_data, N, n);
   ConstMatrixView<T> weight(weight_data, m, n);
   MatrixView<T> y(y_data, N, m);
-
-  if (use_packed_gemm(N, m, n)) {
-    // Row-major y (N x m) is the column-major y^T (m x N) = weight (m x n, row-major) x^T
-    // (n x N, column-major).
-    const auto plan = detail::plan_packed_gemm<T>(m, N, n);
-    const int team = gemm_flops(N, m, n) < detail::kSerialFlops
-                         ? 1
-                         : detail::team_for(detail::kPhaseTasks, num_threads);
-    detail::packed_gemm<T, Eigen::RowMajor, Eigen::ColMajor>(
-        plan, weight_data, n, x_data, n, y_data, m, team,
-        [&](Index out0, Index outs, Index row0, Index rows) {
-          // As below: the bias is added after the full dot product, while the tile is in cache.
-          if (bias_data == nullptr) return;
-          y.block(row0, out0, rows, outs).rowwise() +=
-              ConstRowVectorView<T>(bias_data + out0, outs);
-        });
-    return;
-  }
 
   const TileGrid grid = plan_tiles(N, m, kOutputTiles);
   const int team =
@@ -162,21 +131,6 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
   ConstMatrixView<T> grad(grad_data, N, m);
   ConstMatrixView<T> x(x_data, N, n);
   ConstMatrixView<T> weight(weight_data, m, n);
-
-  double flops = 0;
-  if (grad_x_data) flops += gemm_flops(N, n, m);
-  if (grad_weight_data) flops += gemm_flops(m, n, N);
-
-  // A grad_weight that goes through the packed GEMM (use_packed_gemm) leaves the task pool
-  // below; the pool's tasks are then queued ahead of the packed GEMM's tiles. grad_x always
-  // stays in the pool: through the packed GEMM it was 1-6% faster on its own at
-  // (4096,1024,1024), but the whole backward (grad_x packed, grad_weight and grad_bias in
-  // the pool) was 0-5% slower there, and 8-10% slower at (1024,512,512) float64 (NumPy /
-  // linmaps ratios, interleaved: 1.03 -> 0.98, 1.02 -> 1.01, 1.00 -> 1.00; float64 1.37 ->
-  // 1.24, 1.53 -> 1.41).
-  const bool packed_weight = grad_weight_data != nullptr && use_packed_gemm(m, n, N);
-  T* const packed_weight_data = packed_weight ? grad_weight_data : nullptr;
-  if (packed_weight) grad_weight_data = nullptr;
 
   // grad_x = grad weight: tiles of the (N, n) output, depth m.
   const TileGrid x_grid = grad_x_data ? plan_tiles(N, n, kOutputTiles) : TileGrid{};
@@ -207,11 +161,12 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
   const Index x_tasks = x_grid.size();
   const Index num_tasks = w_tasks + x_tasks + bias_tasks;
 
-  const int team = flops < detail::kSerialFlops
-                       ? 1
-                       : detail::team_for(std::max(num_tasks, detail::kPhaseTasks), num_threads);
+  double flops = 0;
+  if (grad_x_data) flops += gemm_flops(N, n, m);
+  if (grad_weight_data) flops += gemm_flops(m, n, N);
+  const int team = flops < detail::kSerialFlops ? 1 : detail::team_for(num_tasks, num_threads);
 
-  const auto pool_task = [&](Index task) {
+  detail::parallel_for(num_tasks, team, [&](Index task, int) {
     if (task < w_tasks) {
       const Index chunk = task / w_grid.size(), tile = task % w_grid.size();
       const Index k0 = chunk * chunk_rows, rows = std::min(chunk_rows, N - k0);
@@ -239,19 +194,7 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
     RowVectorView<T> db(grad_bias_data + c0, nc);
     db.setZero();
     for (Index k = 0; k < N; ++k) db += grad.row(k).segment(c0, nc);
-  };
-  const auto no_finish = [](Index, Index, Index, Index) {};
-  if (packed_weight) {
-    // grad_weight (m x n, row-major) is the column-major grad_weight^T (n x m) = x^T (n x N,
-    // column-major) grad (N x m, row-major).
-    const auto plan = detail::plan_packed_gemm<T>(n, m, N);
-    detail::packed_gemm<T, Eigen::ColMajor, Eigen::RowMajor>(plan, x_data, n, grad_data, m,
-                                                             packed_weight_data, n, team, no_finish,
-                                                             num_tasks, pool_task);
-  }
-  if (!packed_weight) {
-    detail::parallel_for(num_tasks, team, [&](Index task, int) { pool_task(task); });
-  }
+  });
 
   if (chunks > 1) {
     // Add the batch chunks' partial weight gradients in chunk order, tile by tile.

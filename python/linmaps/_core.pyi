@@ -14,9 +14,6 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
-# Each kernel has a float32 and a float64 overload; mypy reports them as overlapping because
-# an array typed loosely (e.g. NDArray[Any]) matches both, hence the ignores below.
-
 __version__: str
 eigen_version: str
 compiler: str
@@ -45,7 +42,7 @@ def team_size() -> int:
     """Size of the OpenMP team a kernel's parallel region would get now from this thread."""
 
 @overload
-def linear_forward(  # type: ignore[overload-overlap]
+def linear_forward(
     x: npt.NDArray[np.float32],
     weight: npt.NDArray[np.float32],
     bias: npt.NDArray[np.float32] | None,
@@ -57,7 +54,7 @@ def linear_forward(
     bias: npt.NDArray[np.float64] | None,
 ) -> npt.NDArray[np.float64]: ...
 @overload
-def linear_backward(  # type: ignore[overload-overlap]
+def linear_backward(
     grad: npt.NDArray[np.float32],
     x: npt.NDArray[np.float32],
     weight: npt.NDArray[np.float32],
@@ -83,7 +80,7 @@ def linear_backward(
     npt.NDArray[np.float64] | None,
 ]: ...
 @overload
-def bilinear_forward(  # type: ignore[overload-overlap]
+def bilinear_forward(
     x1: npt.NDArray[np.float32],
     x2: npt.NDArray[np.float32],
     weight: npt.NDArray[np.float32],
@@ -97,7 +94,7 @@ def bilinear_forward(
     bias: npt.NDArray[np.float64] | None,
 ) -> npt.NDArray[np.float64]: ...
 @overload
-def bilinear_backward(  # type: ignore[overload-overlap]
+def bilinear_backward(
     grad: npt.NDArray[np.float32],
     x1: npt.NDArray[np.float32],
     x2: npt.NDArray[np.float32],
@@ -128,12 +125,3 @@ def bilinear_backward(
     npt.NDArray[np.float64] | None,
     npt.NDArray[np.float64] | None,
 ]: ...
-def linear_forward_fast(x: object, weight: object, bias: object) -> npt.NDArray[np.floating] | None:
-    """linear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of one
-    dtype and matching shapes, else None (never raises for bad arguments)."""
-
-def bilinear_forward_fast(
-    x1: object, x2: object, weight: object, bias: object
-) -> npt.NDArray[np.floating] | None:
-    """bilinear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of
-    one dtype and matching shapes, else None (never raises for bad arguments)."""

@@ -25,6 +25,7 @@
 //             itself, row block after row block, so no batch sum is ever split.
 #include <optional>
 
+#include "gemm.hpp"
 #include "kernels.hpp"
 
 namespace linmaps {
@@ -44,6 +45,9 @@ constexpr Index kRowsPerWeightStep = 256;
 // Bounds of the stage-2 column tile of What (its accumulator is p x tile).
 constexpr Index kMinWeightTileCols = 96;
 constexpr Index kMaxWeightTileCols = 480;
+// The stage-2 tile count is rounded up to a multiple of this (so 2 or 4 threads get equal
+// shares).
+constexpr Index kWeightTilesMultiple = 4;
 // Stage-1 partial sums (only used when the batch has fewer than kTargetTasks row blocks)
 // never take more than this.
 constexpr Index kMaxPartialBytes = Index(32) << 20;
@@ -66,8 +70,16 @@ struct Plan {
   Index outputs_per_group = 1;  // forward / stage 1: whole outputs per task
   Index groups() const { return L == 0 ? 0 : ceil_div(L, outputs_per_group); }
 
-  Index weight_tile_cols = 1;  // stage 2
-  Index weight_tiles() const { return lq == 0 ? 0 : ceil_div(lq, weight_tile_cols); }
+  // Stage 2: What's columns cut into weight_tiles tiles of nearly equal width; tile t is
+  // [weight_tile_begin(t), weight_tile_begin(t + 1)).
+  Index weight_tiles = 0;
+  Index weight_tile_max_cols = 1;
+  Index weight_tile_begin(Index t) const {
+    if (t >= weight_tiles) return lq;
+    // t * lq / weight_tiles without forming t * lq, rounded down to whole GEBP panels.
+    const Index exact = t * (lq / weight_tiles) + t * (lq % weight_tiles) / weight_tiles;
+    return exact / detail::kPanelMultiple * detail::kPanelMultiple;
+  }
 };
 
 template <class T>
@@ -100,7 +112,19 @@ Plan make_plan(const BilinearShape& shape) {
   Index tile = block_elements / std::max<Index>(plan.p, 1);
   tile = std::clamp(tile, kMinWeightTileCols, kMaxWeightTileCols);
   tile = std::min(tile, round_up(ceil_div(plan.lq, detail::kTargetTasks), detail::kPanelMultiple));
-  plan.weight_tile_cols = std::max<Index>(detail::kPanelMultiple, tile);
+  tile = std::max<Index>(detail::kPanelMultiple, tile);
+  // A tile count that is a multiple of kTilesMultiple, with tiles of (nearly) equal width:
+  // 9 tiles for (256,64,64,64) (8 of 480 columns and one of 256) left one of 2 threads idle
+  // for a ninth of stage 2, which then scaled 1.49x from 1 to 2 threads.
+  Index tiles = plan.lq == 0 ? 0 : ceil_div(plan.lq, tile);
+  if (tiles > 1) tiles = round_up(tiles, kWeightTilesMultiple);
+  // At least a panel per tile, so that no tile is empty.
+  tiles = std::min(tiles, std::max<Index>(1, plan.lq / detail::kPanelMultiple));
+  plan.weight_tiles = tiles;
+  for (Index t = 0; t < tiles; ++t) {
+    plan.weight_tile_max_cols = std::max(plan.weight_tile_max_cols,
+                                         plan.weight_tile_begin(t + 1) - plan.weight_tile_begin(t));
+  }
   return plan;
 }
 
@@ -220,7 +244,7 @@ void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, 
 
   const Index chunk_cols =
       std::min(plan.chunk_cols, std::max<Index>(plan.outputs_per_group * q, 1));
-  detail::PerWorker<T> t_space(team, plan.rows_per_block * chunk_cols);
+  const detail::ThreadWorkspace<T> t_space(1, plan.rows_per_block * chunk_cols);
 
   detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
     const Index block = task / plan.groups(), group = task % plan.groups();
@@ -236,7 +260,7 @@ void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, 
     for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
       MatrixView<T> t(t_space[worker], rows, c1 - c0);
       what.with_chunk(c0, c1 - c0,
-                      [&](const auto& what_chunk) { t.noalias() = p_rows * what_chunk; });
+                      [&](const auto& what_chunk) { detail::gemm(t, p_rows, what_chunk, false); });
       for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
         const bool first = (c == l * q);
         for (Index k = 0; k < rows; ++k) {
@@ -308,8 +332,8 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
     const Index num_tasks = blocks * groups;
     const int team = serial ? 1 : detail::team_for(num_tasks, num_threads);
     const Index block_elements = plan.rows_per_block * chunk_cols;
-    detail::PerWorker<T> t_space(team, grad_q ? block_elements : 0);
-    detail::PerWorker<T> w_space(team, grad_p ? block_elements : 0);
+    const detail::ThreadWorkspace<T> t_space(1, grad_q ? block_elements : 0);
+    const detail::ThreadWorkspace<T> w_space(2, grad_p ? block_elements : 0);
 
     detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
       const Index block = task / groups, group = task % groups;
@@ -330,7 +354,7 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
         what->with_chunk(c0, width, [&](const auto& what_chunk) {
           if (grad_q != nullptr) {
             MatrixView<T> t(t_space[worker], rows, width);
-            t.noalias() = p_rows * what_chunk;
+            detail::gemm(t, p_rows, what_chunk, false);
             for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
               for (Index k = 0; k < rows; ++k) {
                 dq.row(k).segment(j, len) += dz_rows(k, l) * t.row(k).segment(c - c0, len);
@@ -340,7 +364,7 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
           if (grad_p != nullptr) {
             MatrixView<T> w(w_space[worker], rows, width);
             fill_w<T>(dz_rows, q_rows, c0, c1, q, w);
-            dp.noalias() += w * what_chunk.transpose();
+            detail::gemm(dp, w, what_chunk.transpose(), true);
           }
         });
       });
@@ -366,15 +390,15 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
 
   // ---- stage 2: dWhat = P^T W, one What column tile per task, summed over the whole batch.
   if (grad_weight != nullptr) {
-    const Index tiles = plan.weight_tiles();
-    const Index tile_cols = std::min(plan.weight_tile_cols, std::max<Index>(plan.lq, 1));
+    const Index tiles = plan.weight_tiles;
+    const Index tile_cols = plan.weight_tile_max_cols;
     const Index step_rows = std::max<Index>(1, std::min(N, kRowsPerWeightStep));
     const int team = serial ? 1 : detail::team_for(tiles, num_threads);
-    detail::PerWorker<T> acc_space(team, p * tile_cols);
-    detail::PerWorker<T> w_space(team, step_rows * tile_cols);
+    const detail::ThreadWorkspace<T> acc_space(1, p * tile_cols);
+    const detail::ThreadWorkspace<T> w_space(2, step_rows * tile_cols);
 
     detail::parallel_for(tiles, team, [&](Index tile, int worker) {
-      const Index c0 = tile * tile_cols, c1 = std::min(plan.lq, c0 + tile_cols);
+      const Index c0 = plan.weight_tile_begin(tile), c1 = plan.weight_tile_begin(tile + 1);
       const Index width = c1 - c0;
       MatrixView<T> acc(acc_space[worker], p, width);
       if (N == 0) acc.setZero();  // empty batch sum
@@ -382,11 +406,7 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
         const Index rows = std::min(step_rows, N - k0);
         MatrixView<T> w(w_space[worker], rows, width);
         fill_w<T>(dz.middleRows(k0, rows), Q.middleRows(k0, rows), c0, c1, q, w);
-        if (k0 == 0) {
-          acc.noalias() = P.middleRows(k0, rows).transpose() * w;
-        } else {
-          acc.noalias() += P.middleRows(k0, rows).transpose() * w;
-        }
+        detail::gemm(acc, P.middleRows(k0, rows).transpose(), w, /*accumulate=*/k0 != 0);
       }
       // Scatter the tile back to the (L, in1, in2) layout.
       for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {

@@ -186,22 +186,49 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
   if (error) std::rethrow_exception(error);
 }
 
-// One aligned scratch area per worker, allocated before any parallel region (so an
-// allocation failure is an ordinary exception on the calling thread). Each worker's slice
-// starts on a 64-byte boundary, so every worker sees the same alignment: Eigen's vectorised
-// reductions peel according to alignment, and identical alignment keeps results identical
-// whichever worker runs a task.
+// Per-thread scratch memory, kept for the thread's lifetime: slot kGemmSlot holds the
+// packing buffers of the matrix products (gemm.hpp), the other slots the kernels'
+// per-worker blocks (T, W and accumulators, ThreadWorkspace below).
+//
+// Why per thread and kept: memory allocated per call comes back from glibc as fresh pages,
+// and the first touch of a fresh page is a page fault; when both threads of a call fault at
+// once they serialise on the process's memory map. Measured (float32, (256,64,64,64),
+// bilinear weight gradient, 1 MiB of workspaces and 1 MiB of output per call): 1 thread
+// 1.44 ms, 2 threads 1.34-1.67 ms, no speed-up; 0.76 ms on 2 threads once no page was
+// fresh (glibc's trimming off). The buffers grow to the largest block a thread has needed
+// (at most a few MiB: they are sized by blocks, never by the batch), like the per-thread
+// buffers of OpenBLAS.
+//
+// Buffer data is aligned to EIGEN_MAX_ALIGN_BYTES in every thread, so every worker sees the
+// same alignment: Eigen's vectorised reductions peel according to alignment, and identical
+// alignment keeps results identical whichever worker runs a task.
+constexpr int kGemmSlot = 0;
+constexpr int kScratchSlots = 3;
+
 template <class T>
-class PerWorker {
+T* thread_scratch(int slot, Index elements) {
+  thread_local Buffer<T> scratch[kScratchSlots];
+  Buffer<T>& buffer = scratch[slot];
+  if (buffer.size() < elements) {
+    buffer.resize(0);  // free first: never hold both the old and the new buffer
+    buffer.resize(elements);
+  }
+  return buffer.data();
+}
+
+// A block of `elements` per worker in slot `slot` (1 or 2) of the thread that runs the task:
+// `space[worker]` is called inside a task and returns that thread's buffer (allocated on its
+// first use; a failure is an exception inside the task, which parallel_for carries out).
+template <class T>
+class ThreadWorkspace {
  public:
-  PerWorker(int workers, Index elements_per_worker)
-      : stride_(round_up(std::max<Index>(elements_per_worker, 1), 64 / Index(sizeof(T)))),
-        storage_(checked_mul(stride_, workers)) {}
-  T* operator[](int worker) { return storage_.data() + stride_ * worker; }
+  ThreadWorkspace(int slot, Index elements)
+      : slot_(slot), elements_(std::max<Index>(elements, 1)) {}
+  T* operator[](int /*worker*/) const { return thread_scratch<T>(slot_, elements_); }
 
  private:
-  Index stride_;
-  Buffer<T> storage_;
+  int slot_;
+  Index elements_;
 };
 
 }  // namespace detail

@@ -5,6 +5,7 @@
 // split differently for different thread counts. The one exception is the weight gradient
 // of a small weight with a long batch: there the batch is cut into a fixed number of chunks
 // whose partial sums are added in chunk order afterwards (still shape-only).
+#include "gemm.hpp"
 #include "kernels.hpp"
 
 #include <vector>
@@ -114,7 +115,7 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
     const Index rows = grid.nrows(tile), cols = grid.ncols(tile);
     auto y_tile = y.block(r0, c0, rows, cols);
     // Empty depth (n == 0): Eigen's product assigns zeros, the empty sum.
-    y_tile.noalias() = x.middleRows(r0, rows) * weight.middleRows(c0, cols).transpose();
+    detail::gemm(y_tile, x.middleRows(r0, rows), weight.middleRows(c0, cols).transpose(), false);
     // The bias is added to the tile while it is still in cache, after the full dot product
     // (y = x.w + b, as the spec writes it).
     if (bias_data != nullptr) {
@@ -175,8 +176,8 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
       const Index r0 = w_grid.row0(tile), c0 = w_grid.col0(tile);
       const Index nr = w_grid.nrows(tile), nc = w_grid.ncols(tile);
       // N == 0: the product with empty depth assigns zeros (an empty sum).
-      dw.block(r0, c0, nr, nc).noalias() =
-          grad.block(k0, r0, rows, nr).transpose() * x.block(k0, c0, rows, nc);
+      detail::gemm(dw.block(r0, c0, nr, nc), grad.block(k0, r0, rows, nr).transpose(),
+                   x.block(k0, c0, rows, nc), false);
       return;
     }
     task -= w_tasks;
@@ -184,7 +185,8 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
       MatrixView<T> dx(grad_x_data, N, n);
       const Index r0 = x_grid.row0(task), c0 = x_grid.col0(task);
       const Index nr = x_grid.nrows(task), nc = x_grid.ncols(task);
-      dx.block(r0, c0, nr, nc).noalias() = grad.middleRows(r0, nr) * weight.middleCols(c0, nc);
+      detail::gemm(dx.block(r0, c0, nr, nc), grad.middleRows(r0, nr), weight.middleCols(c0, nc),
+                   false);
       return;
     }
     task -= x_tasks;

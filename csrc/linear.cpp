@@ -45,16 +45,36 @@ constexpr Index kMaxPartialBytes = Index(16) << 20;
 // Columns of grad summed per grad_bias task.
 constexpr Index kBiasChunk = 1024;
 
+// Start of part i of `count` nearly equal parts of [0, extent), on a multiple of granule
+// (part count: the end). i * extent / count without forming i * extent.
+Index split_point(Index extent, Index count, Index granule, Index i) {
+  if (i >= count) return extent;
+  const Index exact = i * (extent / count) + i * (extent % count) / count;
+  return exact / granule * granule;
+}
+
+constexpr Index kRowGranule = 16;
+
+// A row-major output cut into row_count x col_count tiles of nearly equal size; column
+// boundaries on multiples of the GEBP panel (Eigen evaluates a row-major product as the
+// transposed column-major one, so our columns are its micro-kernel's rows), row boundaries
+// on multiples of 16.
 struct TileGrid {
   Index rows = 0, cols = 0;  // the output being tiled
-  Index tile_rows = 1, tile_cols = 1;
-  Index row_tiles() const { return rows == 0 ? 0 : ceil_div(rows, tile_rows); }
-  Index col_tiles() const { return cols == 0 ? 0 : ceil_div(cols, tile_cols); }
-  Index size() const { return row_tiles() * col_tiles(); }
-  Index row0(Index tile) const { return (tile / col_tiles()) * tile_rows; }
-  Index col0(Index tile) const { return (tile % col_tiles()) * tile_cols; }
-  Index nrows(Index tile) const { return std::min(tile_rows, rows - row0(tile)); }
-  Index ncols(Index tile) const { return std::min(tile_cols, cols - col0(tile)); }
+  Index row_count = 0, col_count = 0;
+  Index size() const { return row_count * col_count; }
+  Index row0(Index tile) const {
+    return split_point(rows, row_count, kRowGranule, tile / col_count);
+  }
+  Index col0(Index tile) const {
+    return split_point(cols, col_count, detail::kPanelMultiple, tile % col_count);
+  }
+  Index nrows(Index tile) const {
+    return split_point(rows, row_count, kRowGranule, tile / col_count + 1) - row0(tile);
+  }
+  Index ncols(Index tile) const {
+    return split_point(cols, col_count, detail::kPanelMultiple, tile % col_count + 1) - col0(tile);
+  }
 };
 
 // Tiles of about equal size: `count` tiles over `extent`, rounded up to `granule`.
@@ -71,23 +91,43 @@ TileGrid plan_tiles(Index rows, Index cols, const TileLimits& limits) {
   TileGrid grid;
   grid.rows = rows;
   grid.cols = cols;
+  if (rows == 0 || cols == 0) return grid;
   Index row_count = std::max<Index>(1, ceil_div(rows, limits.max_rows));
   Index col_count = std::max<Index>(1, ceil_div(cols, limits.max_cols));
-  grid.tile_rows = balanced_tile(rows, row_count, 16);
-  grid.tile_cols = balanced_tile(cols, col_count, detail::kPanelMultiple);
-  while (grid.size() < limits.target) {
+  Index tile_rows = balanced_tile(rows, row_count, kRowGranule);
+  Index tile_cols = balanced_tile(cols, col_count, detail::kPanelMultiple);
+  while (ceil_div(rows, tile_rows) * ceil_div(cols, tile_cols) < limits.target) {
     const Index split_cols = balanced_tile(cols, 2 * col_count, detail::kPanelMultiple);
-    const Index split_rows = balanced_tile(rows, 2 * row_count, 16);
-    const bool can_split_cols = split_cols >= limits.min_cols && split_cols < grid.tile_cols;
-    const bool can_split_rows = split_rows >= limits.min_rows && split_rows < grid.tile_rows;
-    if (can_split_cols && (grid.tile_cols >= grid.tile_rows || !can_split_rows)) {
+    const Index split_rows = balanced_tile(rows, 2 * row_count, kRowGranule);
+    const bool can_split_cols = split_cols >= limits.min_cols && split_cols < tile_cols;
+    const bool can_split_rows = split_rows >= limits.min_rows && split_rows < tile_rows;
+    if (can_split_cols && (tile_cols >= tile_rows || !can_split_rows)) {
       col_count *= 2;
-      grid.tile_cols = split_cols;
+      tile_cols = split_cols;
     } else if (can_split_rows) {
       row_count *= 2;
-      grid.tile_rows = split_rows;
+      tile_rows = split_rows;
     } else {
       break;
+    }
+  }
+  // At most one tile per granule, so that no tile is empty.
+  const Index max_row_count = std::max<Index>(1, rows / kRowGranule);
+  const Index max_col_count = std::max<Index>(1, cols / detail::kPanelMultiple);
+  grid.row_count = std::min(ceil_div(rows, tile_rows), max_row_count);
+  grid.col_count = std::min(ceil_div(cols, tile_cols), max_col_count);
+  // A tile count that is a multiple of kLinearTiles, so that 2 or 4 threads get equal
+  // shares: (64,4096,4096) had 9 output tiles (8 x 480 columns + 256), and one of 2 threads
+  // ran a sixth longer than the other.
+  if (grid.size() > 1) {
+    for (Index extra = 0; extra < kLinearTiles && grid.size() % kLinearTiles != 0; ++extra) {
+      if (grid.col_count + 1 <= max_col_count) {
+        ++grid.col_count;
+      } else if (grid.row_count + 1 <= max_row_count) {
+        ++grid.row_count;
+      } else {
+        break;
+      }
     }
   }
   return grid;

@@ -1,8 +1,8 @@
 # GEMM part only: L products (N x m)(m x n) vs one (N x m)(m x L*n); plus linmaps' C++ kernels.
-import time
 
 import numpy as np
 import threadpoolctl
+from _timing import best_s
 
 import linmaps
 
@@ -10,13 +10,7 @@ rng = np.random.default_rng(0)
 
 
 def best(f, reps=30):
-    f()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+    return best_s(f, reps)
 
 
 linmaps.set_num_threads(2)

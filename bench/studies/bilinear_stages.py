@@ -7,9 +7,9 @@ alone (weight gradient) and the forward, float32, 200 calls each after 5 warm-up
 """
 
 import sys
-import time
 
 import numpy as np
+from _timing import median_ms
 
 import linmaps
 
@@ -22,14 +22,7 @@ g = rng.standard_normal((N, L), dtype=np.float32)
 
 
 def t(f, reps=200):
-    for _ in range(5):
-        f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return np.median(ts) * 1e3
+    return median_ms(f, reps)
 
 
 ops = {

@@ -8,9 +8,9 @@ installed side by side (run it with each environment's python, alternately).
 """
 
 import sys
-import time
 
 import numpy as np
+from _timing import median_ms
 
 import linmaps
 
@@ -18,14 +18,7 @@ rng = np.random.default_rng(0)
 
 
 def t(f, reps=100):
-    for _ in range(5):
-        f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return np.median(ts) * 1e3
+    return median_ms(f, reps)
 
 
 for s in sys.argv[1:]:

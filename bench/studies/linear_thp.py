@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+from _timing import median_ms
 
 if sys.argv[1] == "off":
     libc = ctypes.CDLL("libc.so.6")
@@ -23,13 +24,7 @@ w = rng.standard_normal((4096, 4096), dtype=np.float32)
 
 
 def med(f):
-    f()
-    ts = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return np.median(ts) * 1e3
+    return median_ms(f, 20, warmup=1)
 
 
 for _ in range(3):

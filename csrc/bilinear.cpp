@@ -75,10 +75,7 @@ struct Plan {
   Index weight_tiles = 0;
   Index weight_tile_max_cols = 1;
   Index weight_tile_begin(Index t) const {
-    if (t >= weight_tiles) return lq;
-    // t * lq / weight_tiles without forming t * lq, rounded down to whole GEBP panels.
-    const Index exact = t * (lq / weight_tiles) + t * (lq % weight_tiles) / weight_tiles;
-    return exact / detail::kPanelMultiple * detail::kPanelMultiple;
+    return detail::split_point(lq, weight_tiles, detail::kPanelMultiple, t);
   }
 };
 
@@ -244,7 +241,7 @@ void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, 
 
   const Index chunk_cols =
       std::min(plan.chunk_cols, std::max<Index>(plan.outputs_per_group * q, 1));
-  const detail::ThreadWorkspace<T> t_space(1, plan.rows_per_block * chunk_cols);
+  const detail::ThreadWorkspace<T> t_space(detail::kBlockSlot, plan.rows_per_block * chunk_cols);
 
   detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
     const Index block = task / plan.groups(), group = task % plan.groups();
@@ -332,8 +329,8 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
     const Index num_tasks = blocks * groups;
     const int team = serial ? 1 : detail::team_for(num_tasks, num_threads);
     const Index block_elements = plan.rows_per_block * chunk_cols;
-    const detail::ThreadWorkspace<T> t_space(1, grad_q ? block_elements : 0);
-    const detail::ThreadWorkspace<T> w_space(2, grad_p ? block_elements : 0);
+    const detail::ThreadWorkspace<T> t_space(detail::kBlockSlot, grad_q ? block_elements : 0);
+    const detail::ThreadWorkspace<T> w_space(detail::kSecondBlockSlot, grad_p ? block_elements : 0);
 
     detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
       const Index block = task / groups, group = task % groups;
@@ -394,8 +391,8 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
     const Index tile_cols = plan.weight_tile_max_cols;
     const Index step_rows = std::max<Index>(1, std::min(N, kRowsPerWeightStep));
     const int team = serial ? 1 : detail::team_for(tiles, num_threads);
-    const detail::ThreadWorkspace<T> acc_space(1, p * tile_cols);
-    const detail::ThreadWorkspace<T> w_space(2, step_rows * tile_cols);
+    const detail::ThreadWorkspace<T> acc_space(detail::kBlockSlot, p * tile_cols);
+    const detail::ThreadWorkspace<T> w_space(detail::kSecondBlockSlot, step_rows * tile_cols);
 
     detail::parallel_for(tiles, team, [&](Index tile, int worker) {
       const Index c0 = plan.weight_tile_begin(tile), c1 = plan.weight_tile_begin(tile + 1);

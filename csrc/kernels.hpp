@@ -116,6 +116,14 @@ namespace detail {
 inline Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
 inline Index round_up(Index a, Index b) { return ceil_div(a, b) * b; }
 
+// Start of part i of `count` nearly equal parts of [0, extent), rounded down to a multiple of
+// granule; part `count` starts at the end. (i * extent / count without forming i * extent.)
+inline Index split_point(Index extent, Index count, Index granule, Index i) {
+  if (i >= count) return extent;
+  const Index exact = i * (extent / count) + i * (extent % count) / count;
+  return exact / granule * granule;
+}
+
 // a * b for non-negative sizes, refusing to wrap around.
 inline Index checked_mul(Index a, Index b) {
   if (a != 0 && b > std::numeric_limits<Index>::max() / a) {
@@ -203,6 +211,9 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
 // same alignment: Eigen's vectorised reductions peel according to alignment, and identical
 // alignment keeps results identical whichever worker runs a task.
 constexpr int kGemmSlot = 0;
+// Two per-worker blocks a kernel uses at the same time (T and W, or accumulator and W).
+constexpr int kBlockSlot = 1;
+constexpr int kSecondBlockSlot = 2;
 constexpr int kScratchSlots = 3;
 
 template <class T>
@@ -216,9 +227,10 @@ T* thread_scratch(int slot, Index elements) {
   return buffer.data();
 }
 
-// A block of `elements` per worker in slot `slot` (1 or 2) of the thread that runs the task:
-// `space[worker]` is called inside a task and returns that thread's buffer (allocated on its
-// first use; a failure is an exception inside the task, which parallel_for carries out).
+// A block of `elements` per worker in slot `slot` (kBlockSlot or kSecondBlockSlot) of the
+// thread that runs the task: `space[worker]` is called inside a task and returns that
+// thread's buffer (allocated on its first use; a failure is an exception inside the task,
+// which parallel_for carries out).
 template <class T>
 class ThreadWorkspace {
  public:

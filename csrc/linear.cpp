@@ -45,14 +45,6 @@ constexpr Index kMaxPartialBytes = Index(16) << 20;
 // Columns of grad summed per grad_bias task.
 constexpr Index kBiasChunk = 1024;
 
-// Start of part i of `count` nearly equal parts of [0, extent), on a multiple of granule
-// (part count: the end). i * extent / count without forming i * extent.
-Index split_point(Index extent, Index count, Index granule, Index i) {
-  if (i >= count) return extent;
-  const Index exact = i * (extent / count) + i * (extent % count) / count;
-  return exact / granule * granule;
-}
-
 constexpr Index kRowGranule = 16;
 
 // A row-major output cut into row_count x col_count tiles of nearly equal size; column
@@ -64,16 +56,17 @@ struct TileGrid {
   Index row_count = 0, col_count = 0;
   Index size() const { return row_count * col_count; }
   Index row0(Index tile) const {
-    return split_point(rows, row_count, kRowGranule, tile / col_count);
+    return detail::split_point(rows, row_count, kRowGranule, tile / col_count);
   }
   Index col0(Index tile) const {
-    return split_point(cols, col_count, detail::kPanelMultiple, tile % col_count);
+    return detail::split_point(cols, col_count, detail::kPanelMultiple, tile % col_count);
   }
   Index nrows(Index tile) const {
-    return split_point(rows, row_count, kRowGranule, tile / col_count + 1) - row0(tile);
+    return detail::split_point(rows, row_count, kRowGranule, tile / col_count + 1) - row0(tile);
   }
   Index ncols(Index tile) const {
-    return split_point(cols, col_count, detail::kPanelMultiple, tile % col_count + 1) - col0(tile);
+    return detail::split_point(cols, col_count, detail::kPanelMultiple, tile % col_count + 1) -
+           col0(tile);
   }
 };
 

@@ -214,7 +214,10 @@ constexpr int kGemmSlot = 0;
 // Two per-worker blocks a kernel uses at the same time (T and W, or accumulator and W).
 constexpr int kBlockSlot = 1;
 constexpr int kSecondBlockSlot = 2;
-constexpr int kScratchSlots = 3;
+// A product's packed left operand that all workers of one call read (PackedLhsProduct in
+// gemm.hpp), held by the calling thread.
+constexpr int kSharedLhsSlot = 3;
+constexpr int kScratchSlots = 4;
 
 template <class T>
 T* thread_scratch(int slot, Index elements) {

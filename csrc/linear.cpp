@@ -8,6 +8,7 @@
 #include "gemm.hpp"
 #include "kernels.hpp"
 
+#include <optional>
 #include <vector>
 
 namespace linmaps {
@@ -130,6 +131,21 @@ double gemm_flops(Index a, Index b, Index c) {
   return 2.0 * static_cast<double>(a) * static_cast<double>(b) * static_cast<double>(c);
 }
 
+// The forward and grad_x of a long batch run as one product with the weight packed once and
+// shared (detail::PackedLhsProduct), in tasks of kSharedRows batch rows: a 128-row block of
+// the other operand, packed, is 128 x kc (kc ~ 520 for float: 266 KiB), which stays in L2
+// while the micro-kernel streams the packed weight past it. Used when there are at least
+// kTargetTasks such tasks and the packed weight (a copy the calling thread keeps, like the
+// other scratch) is at most kMaxSharedWeightBytes; other shapes use output tiles.
+constexpr Index kSharedRows = 128;
+constexpr Index kMaxSharedWeightBytes = Index(8) << 20;
+
+template <class T>
+bool use_shared_weight(Index batch, Index out_cols, Index depth) {
+  return batch >= detail::kTargetTasks * kSharedRows && out_cols > 0 && depth > 0 &&
+         detail::checked_mul(out_cols, depth) * Index(sizeof(T)) <= kMaxSharedWeightBytes;
+}
+
 }  // namespace
 
 template <class T>
@@ -140,20 +156,43 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
   ConstMatrixView<T> weight(weight_data, m, n);
   MatrixView<T> y(y_data, N, m);
 
+  const bool serial = gemm_flops(N, m, n) < detail::kSerialFlops;
+  // y starts as the bias (or zero) and the products accumulate into it, as PyTorch's addmm
+  // does: one pass over y fewer than adding the bias afterwards.
+  auto start_rows = [&](Index r0, Index rows, Index c0, Index cols) {
+    auto block = y.block(r0, c0, rows, cols);
+    if (bias_data != nullptr) {
+      block.rowwise() = ConstRowVectorView<T>(bias_data + c0, cols);
+    } else {
+      block.setZero();
+    }
+  };
+
+  if (use_shared_weight<T>(N, m, n)) {
+    const detail::PackedLhsProduct<T, Eigen::RowMajor> product(weight_data, n, m, n, kSharedRows);
+    const Index tasks = ceil_div(N, kSharedRows);
+    detail::parallel_for(product.pack_tasks(),
+                         serial ? 1 : detail::team_for(product.pack_tasks(), num_threads),
+                         [&](Index task, int) { product.pack(task); });
+    detail::parallel_for(tasks, serial ? 1 : detail::team_for(tasks, num_threads),
+                         [&](Index task, int) {
+                           const Index r0 = task * kSharedRows;
+                           const Index rows = std::min(kSharedRows, N - r0);
+                           start_rows(r0, rows, 0, m);
+                           product.multiply(y_data + r0 * m, m, x_data + r0 * n, n, rows);
+                         });
+    return;
+  }
+
   const TileGrid grid = plan_tiles(N, m, kOutputTiles);
-  const int team =
-      gemm_flops(N, m, n) < detail::kSerialFlops ? 1 : detail::team_for(grid.size(), num_threads);
+  const int team = serial ? 1 : detail::team_for(grid.size(), num_threads);
   detail::parallel_for(grid.size(), team, [&](Index tile, int) {
     const Index r0 = grid.row0(tile), c0 = grid.col0(tile);
     const Index rows = grid.nrows(tile), cols = grid.ncols(tile);
-    auto y_tile = y.block(r0, c0, rows, cols);
-    // Empty depth (n == 0): Eigen's product assigns zeros, the empty sum.
-    detail::gemm(y_tile, x.middleRows(r0, rows), weight.middleRows(c0, cols).transpose(), false);
-    // The bias is added to the tile while it is still in cache, after the full dot product
-    // (y = x.w + b, as the spec writes it).
-    if (bias_data != nullptr) {
-      y_tile.rowwise() += ConstRowVectorView<T>(bias_data + c0, cols);
-    }
+    start_rows(r0, rows, c0, cols);
+    // Empty depth (n == 0): nothing is added, y is the bias (the empty sum is zero).
+    detail::gemm(y.block(r0, c0, rows, cols), x.middleRows(r0, rows),
+                 weight.middleRows(c0, cols).transpose(), true);
   });
 }
 
@@ -166,8 +205,10 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
   ConstMatrixView<T> x(x_data, N, n);
   ConstMatrixView<T> weight(weight_data, m, n);
 
-  // grad_x = grad weight: tiles of the (N, n) output, depth m.
-  const TileGrid x_grid = grad_x_data ? plan_tiles(N, n, kOutputTiles) : TileGrid{};
+  // grad_x = grad weight: either tasks of batch rows with the weight packed once (a long
+  // batch) or tiles of the (N, n) output; depth m either way.
+  const bool shared_x = grad_x_data != nullptr && use_shared_weight<T>(N, n, m);
+  const TileGrid x_grid = grad_x_data && !shared_x ? plan_tiles(N, n, kOutputTiles) : TileGrid{};
 
   // grad_weight = grad^T x: tiles of the (m, n) output, depth N (the batch). When the weight
   // is too small to give kLinearTiles tiles, the batch is also split into a fixed number of
@@ -192,13 +233,23 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
 
   const Index bias_tasks = grad_bias_data ? ceil_div(m, kBiasChunk) : 0;
   const Index w_tasks = grad_weight_data ? chunks * w_grid.size() : 0;
-  const Index x_tasks = x_grid.size();
+  const Index x_tasks = shared_x ? ceil_div(N, kSharedRows) : x_grid.size();
   const Index num_tasks = w_tasks + x_tasks + bias_tasks;
 
   double flops = 0;
   if (grad_x_data) flops += gemm_flops(N, n, m);
   if (grad_weight_data) flops += gemm_flops(m, n, N);
   const int team = flops < detail::kSerialFlops ? 1 : detail::team_for(num_tasks, num_threads);
+
+  // grad_x's A(i, k) = weight[k, i]: the weight read column-major, packed once.
+  std::optional<detail::PackedLhsProduct<T, Eigen::ColMajor>> x_product;
+  if (shared_x) {
+    x_product.emplace(weight_data, n, n, m, kSharedRows);
+    const Index pack_tasks = x_product->pack_tasks();
+    detail::parallel_for(
+        pack_tasks, flops < detail::kSerialFlops ? 1 : detail::team_for(pack_tasks, num_threads),
+        [&](Index task, int) { x_product->pack(task); });
+  }
 
   detail::parallel_for(num_tasks, team, [&](Index task, int) {
     if (task < w_tasks) {
@@ -216,6 +267,12 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
     task -= w_tasks;
     if (task < x_tasks) {
       MatrixView<T> dx(grad_x_data, N, n);
+      if (shared_x) {
+        const Index r0 = task * kSharedRows, rows = std::min(kSharedRows, N - r0);
+        dx.middleRows(r0, rows).setZero();
+        x_product->multiply(grad_x_data + r0 * n, n, grad_data + r0 * m, m, rows);
+        return;
+      }
       const Index r0 = x_grid.row0(task), c0 = x_grid.col0(task);
       const Index nr = x_grid.nrows(task), nc = x_grid.ncols(task);
       detail::gemm(dx.block(r0, c0, nr, nc), grad.middleRows(r0, nr), weight.middleCols(c0, nc),

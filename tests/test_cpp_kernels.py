@@ -277,7 +277,9 @@ def test_references_agree():
 # ----------------------------------------------------------------------------------------
 # Shapes that cross the kernels' block sizes (rows per block 128, What chunks of 512 float /
 # 256 double columns, weight tiles of 96-480 columns, output groups with partial sums,
-# in2 > in1 "swapped" orientation, linear tiles of 256 x 240 and batch chunks of >= 1024).
+# in2 > in1 "swapped" orientation, linear tiles of 256 x 240 and batch chunks of >= 1024,
+# and the linear products of a long batch (>= 1024 rows) with the weight packed once: tasks
+# of 128 rows, depth blocks of ~520 (float) / ~260 (double), packing chunks of 8 panels).
 
 BILINEAR_STRUCTURAL = [
     (300, 40, 50, 20),  # 3 row blocks (last partial), swapped, several chunks
@@ -296,6 +298,12 @@ LINEAR_STRUCTURAL = [
     (600, 530, 250),  # several 256 x 240 tiles, partial edge tiles
     (3, 1000, 7),
     (2100, 1, 600),
+    # Packed weight: several depth blocks, pack chunks with a partial panel, last task partial
+    # (grad_x: the weight's transpose, 1030 rows in 3-6 chunks, depth 401).
+    (1100, 1030, 401),
+    # Packed weight of 1500 rows and depth 7; grad_x: 7 rows (less than one panel) over a
+    # depth of 1500 (several depth blocks).
+    (1030, 7, 1500),
 ]
 
 
@@ -363,7 +371,7 @@ DETERMINISM_BILINEAR = [
     (150, 300, 280, 4),
     (100, 64, 96, 12),
 ]
-DETERMINISM_LINEAR = [(600, 530, 250), (5000, 20, 30), (64, 300, 1000)]
+DETERMINISM_LINEAR = [(600, 530, 250), (5000, 20, 30), (64, 300, 1000), (1100, 1030, 401)]
 
 
 def run_all(rng_seed, dtype):

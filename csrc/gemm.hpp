@@ -78,85 +78,97 @@ void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate) {
                                                                     blocking, nullptr);
 }
 
-// R = B A^T for a row-major R (rows x M) and row-major B (rows x K), with A (M x K) packed
-// once per call and shared by every worker: the product behind the linear forward (A = the
-// weight) and grad_x (A = the weight's transpose), cut into tasks of batch rows.
+// R (+)= B A^T for a row-major R (rows x M), A (M x K) and B (rows x K), with A packed once
+// per call and shared by every worker, the rows of R cut into tasks: the products behind the
+// linear forward (A = weight, B = x), grad_x (A = weight^T, B = grad) and grad_weight
+// (A = x^T, B = grad^T, the batch being the depth).
 //
-// Why: one Eigen product per output tile packs its own copy of A's rows and B's rows, so a
-// tiled (4096,1024,1024) forward packed the weight 16 times and the input 3 times: 28M
-// packed elements against 4M + 1M read. Packing took 5% of the time, and OpenBLAS (which
-// shares packed panels between its threads) came out ahead. Packing A once and B once, with
-// Eigen's own packing routines and micro-kernel (gebp), made that forward 7-10% faster than
-// NumPy's (measured in docs/kernels.md).
+// Why: one Eigen product per output tile packs its own copy of A's and B's rows, so a tiled
+// (4096,1024,1024) forward packed the weight 16 times and the input 3 times: 28M packed
+// elements for 5M read, 5% of the time, and OpenBLAS (whose threads share packed panels)
+// came out ahead. Here A is packed once and each B block once, with Eigen's own packing
+// routines and micro-kernel (gebp); docs/kernels.md has the measurements.
 //
-// Usage: run pack(task) for every task in [0, pack_tasks()) (in parallel), then
-// multiply(...) for any row blocks (in parallel); A must not change in between. The blocking
-// (depth blocks of kc, from Eigen's heuristic for this shape) depends on the shape only, so
-// results do not depend on which worker runs which task.
-template <class T, int LhsOrder>
+// A is packed in depth blocks of kc (Eigen's heuristic for this shape), and at most
+// kMaxPackedBytes of it at a time: the depth blocks are processed in passes. For each pass,
+// run pack(pass, task) for every task in [0, pack_tasks(pass)) (in parallel), then
+// multiply(pass, ...) for the row blocks (in parallel), which adds that pass's depth blocks
+// in order. The blocking depends on the shape only, so results do not depend on which worker
+// runs which task. B(r, k) = rhs[r * rhs_stride + k] (RhsOrder ColMajor, rows of B contiguous)
+// or rhs[k * rhs_stride + r] (RowMajor).
+template <class T, int LhsOrder, int RhsOrder>
 class PackedLhsProduct {
   using Traits = Eigen::internal::gebp_traits<T, T>;
   using LhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, LhsOrder>;
-  using RhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, Eigen::ColMajor>;
+  using RhsMapper = Eigen::internal::const_blas_data_mapper<T, Index, RhsOrder>;
   using ResMapper =
       Eigen::internal::blas_data_mapper<T, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
 
  public:
   // Rows of A packed per pack task (a whole number of micro-kernel panels).
   static constexpr Index kPackRows = 8 * Traits::mr;
+  // The shared packed copy of A is at most this big (the calling thread keeps it, like the
+  // workers' scratch): a 1024 x 1024 float weight fits in one pass.
+  static constexpr Index kMaxPackedBytes = Index(8) << 20;
 
-  // A(i, k) = lhs[i * lhs_stride + k] (RowMajor) or lhs[k * lhs_stride + i] (ColMajor).
-  // block_rows: the most rows of B one multiply call gets.
-  PackedLhsProduct(const T* lhs, Index lhs_stride, Index M, Index K, Index block_rows)
-      : lhs_(lhs, lhs_stride), M_(M), K_(K), block_rows_(block_rows) {
+  // A(i, k) = lhs[i * lhs_stride + k] (LhsOrder RowMajor) or lhs[k * lhs_stride + i]
+  // (ColMajor). block_rows: the most rows of R one multiply call gets.
+  PackedLhsProduct(const T* lhs, Index lhs_stride, const T* rhs, Index rhs_stride, Index M, Index K,
+                   Index block_rows)
+      : lhs_(lhs, lhs_stride), rhs_(rhs, rhs_stride), M_(M), K_(K), block_rows_(block_rows) {
     Index mc = M, nc = block_rows;
     kc_ = std::max<Index>(K, 1);
     Eigen::internal::computeProductBlockingSizes<T, T, 1>(kc_, mc, nc, Index(1));
     depth_blocks_ = ceil_div(K, kc_);
     // Each depth block starts on a 64-byte boundary, as Eigen's own packing buffers do.
-    block_stride_ = round_up(checked_mul(M, kc_), 64 / Index(sizeof(T)));
-    packed_ = thread_scratch<T>(kSharedLhsSlot, std::max<Index>(1, block_stride_ * depth_blocks_));
+    block_stride_ = round_up(checked_mul(std::max<Index>(M, 1), kc_), 64 / Index(sizeof(T)));
+    blocks_per_pass_ = std::max<Index>(1, kMaxPackedBytes / (block_stride_ * Index(sizeof(T))));
+    blocks_per_pass_ = std::min(blocks_per_pass_, std::max<Index>(depth_blocks_, 1));
+    packed_ = thread_scratch<T>(kSharedLhsSlot, block_stride_ * blocks_per_pass_);
   }
 
-  // Bytes of the shared packed copy of A for an M x K operand.
-  static Index packed_bytes(Index M, Index K) { return checked_mul(M, K) * Index(sizeof(T)); }
+  Index passes() const { return ceil_div(depth_blocks_, blocks_per_pass_); }
 
-  Index pack_tasks() const { return depth_blocks_ * ceil_div(M_, kPackRows); }
+  Index pack_tasks(Index pass) const { return blocks_in(pass) * ceil_div(M_, kPackRows); }
 
-  void pack(Index task) const {
+  void pack(Index pass, Index task) const {
     const Index row_chunks = ceil_div(M_, kPackRows);
-    const Index block = task / row_chunks, i0 = (task % row_chunks) * kPackRows;
-    const Index k0 = block * kc_, depth = std::min(kc_, K_ - k0);
+    const Index slot = task / row_chunks, i0 = (task % row_chunks) * kPackRows;
+    const Index k0 = (pass * blocks_per_pass_ + slot) * kc_, depth = std::min(kc_, K_ - k0);
     const Index rows = std::min(kPackRows, M_ - i0);
     Eigen::internal::gemm_pack_lhs<T, Index, LhsMapper, Traits::mr, Traits::LhsProgress,
                                    typename Traits::LhsPacket4Packing, LhsOrder>
         pack_lhs;
     // Panels of mr rows are laid out one after another, so a chunk starting at a multiple
     // of mr rows is where packing all M rows at once would put it.
-    pack_lhs(packed_ + block * block_stride_ + i0 * depth, lhs_.getSubMapper(i0, k0), depth, rows);
+    pack_lhs(packed_ + slot * block_stride_ + i0 * depth, lhs_.getSubMapper(i0, k0), depth, rows);
   }
 
-  // res[r, i] += sum_k rhs[r * rhs_stride + k] * A(i, k) for r in [0, rows), i in [0, M):
-  // res rows have stride res_stride. The depth blocks are added in order.
-  void multiply(T* res, Index res_stride, const T* rhs, Index rhs_stride, Index rows) const {
+  // res[r, i] += sum over this pass's k of B(r0 + r, k) * A(i, k), for r in [0, rows) and
+  // i in [0, M); res rows have stride res_stride.
+  void multiply(Index pass, T* res, Index res_stride, Index r0, Index rows) const {
     eigen_assert(rows <= block_rows_);
     if (rows == 0 || M_ == 0 || K_ == 0) return;
-    Eigen::internal::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, Eigen::ColMajor> pack_rhs;
+    Eigen::internal::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, RhsOrder> pack_rhs;
     Eigen::internal::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
-    const RhsMapper rhs_map(rhs, rhs_stride);
     const ResMapper res_map(res, res_stride);
     T* block_b = thread_scratch<T>(kGemmSlot, kc_ * block_rows_);
-    for (Index block = 0; block < depth_blocks_; ++block) {
-      const Index k0 = block * kc_, depth = std::min(kc_, K_ - k0);
-      pack_rhs(block_b, rhs_map.getSubMapper(k0, 0), depth, rows);
-      gebp(res_map, packed_ + block * block_stride_, block_b, M_, depth, rows, T(1));
+    for (Index slot = 0; slot < blocks_in(pass); ++slot) {
+      const Index k0 = (pass * blocks_per_pass_ + slot) * kc_, depth = std::min(kc_, K_ - k0);
+      pack_rhs(block_b, rhs_.getSubMapper(k0, r0), depth, rows);
+      gebp(res_map, packed_ + slot * block_stride_, block_b, M_, depth, rows, T(1));
     }
   }
 
  private:
+  Index blocks_in(Index pass) const {
+    return std::min(blocks_per_pass_, depth_blocks_ - pass * blocks_per_pass_);
+  }
+
   LhsMapper lhs_;
+  RhsMapper rhs_;
   Index M_, K_, block_rows_;
-  Index kc_ = 1, depth_blocks_ = 0, block_stride_ = 0;
+  Index kc_ = 1, depth_blocks_ = 0, block_stride_ = 0, blocks_per_pass_ = 1;
   T* packed_ = nullptr;
 };
 

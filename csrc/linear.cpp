@@ -8,7 +8,6 @@
 #include "gemm.hpp"
 #include "kernels.hpp"
 
-#include <optional>
 #include <vector>
 
 namespace linmaps {
@@ -131,19 +130,43 @@ double gemm_flops(Index a, Index b, Index c) {
   return 2.0 * static_cast<double>(a) * static_cast<double>(b) * static_cast<double>(c);
 }
 
-// The forward and grad_x of a long batch run as one product with the weight packed once and
-// shared (detail::PackedLhsProduct), in tasks of kSharedRows batch rows: a 128-row block of
-// the other operand, packed, is 128 x kc (kc ~ 520 for float: 266 KiB), which stays in L2
-// while the micro-kernel streams the packed weight past it. Used when there are at least
-// kTargetTasks such tasks and the packed weight (a copy the calling thread keeps, like the
-// other scratch) is at most kMaxSharedWeightBytes; other shapes use output tiles.
+// The products with a long output (at least kTargetTasks blocks of kSharedRows rows: the
+// forward and grad_x of a long batch, grad_weight of a large weight) run with their other
+// operand packed once and shared (detail::PackedLhsProduct), in tasks of kSharedRows rows of
+// the output. A 128-row block of the output's own operand, packed, is kc x 128 (kc ~ 520
+// floats: 266 KiB): it stays in L2 while the micro-kernel streams the shared panels past it.
+// Other shapes use output tiles.
 constexpr Index kSharedRows = 128;
-constexpr Index kMaxSharedWeightBytes = Index(8) << 20;
 
-template <class T>
-bool use_shared_weight(Index batch, Index out_cols, Index depth) {
-  return batch >= detail::kTargetTasks * kSharedRows && out_cols > 0 && depth > 0 &&
-         detail::checked_mul(out_cols, depth) * Index(sizeof(T)) <= kMaxSharedWeightBytes;
+bool use_packed_product(Index out_rows, Index out_cols, Index depth) {
+  return out_rows >= detail::kTargetTasks * kSharedRows && out_cols > 0 && depth > 0;
+}
+
+// Runs `product` over the `rows` rows of R (row stride res_stride) in tasks of kSharedRows
+// rows, pass by pass; start(r0, count) prepares rows [r0, r0 + count) before their first
+// pass. `extra` more tasks, extra_task(i), join the last pass's tasks.
+template <class T, class Product, class Start, class Extra>
+void run_packed(const Product& product, T* res, Index res_stride, Index rows, bool serial,
+                int num_threads, Start&& start, Index extra, Extra&& extra_task) {
+  const Index tasks = ceil_div(rows, kSharedRows);
+  const Index passes = product.passes();
+  for (Index pass = 0; pass < passes; ++pass) {
+    const Index pack_tasks = product.pack_tasks(pass);
+    detail::parallel_for(pack_tasks, serial ? 1 : detail::team_for(pack_tasks, num_threads),
+                         [&](Index task, int) { product.pack(pass, task); });
+    const Index all = tasks + (pass + 1 == passes ? extra : 0);
+    detail::parallel_for(all, serial ? 1 : detail::team_for(all, num_threads),
+                         [&](Index task, int) {
+                           if (task >= tasks) {
+                             extra_task(task - tasks);
+                             return;
+                           }
+                           const Index r0 = task * kSharedRows;
+                           const Index count = std::min(kSharedRows, rows - r0);
+                           if (pass == 0) start(r0, count);
+                           product.multiply(pass, res + r0 * res_stride, res_stride, r0, count);
+                         });
+  }
 }
 
 }  // namespace
@@ -168,19 +191,13 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
     }
   };
 
-  if (use_shared_weight<T>(N, m, n)) {
-    const detail::PackedLhsProduct<T, Eigen::RowMajor> product(weight_data, n, m, n, kSharedRows);
-    const Index tasks = ceil_div(N, kSharedRows);
-    detail::parallel_for(product.pack_tasks(),
-                         serial ? 1 : detail::team_for(product.pack_tasks(), num_threads),
-                         [&](Index task, int) { product.pack(task); });
-    detail::parallel_for(tasks, serial ? 1 : detail::team_for(tasks, num_threads),
-                         [&](Index task, int) {
-                           const Index r0 = task * kSharedRows;
-                           const Index rows = std::min(kSharedRows, N - r0);
-                           start_rows(r0, rows, 0, m);
-                           product.multiply(y_data + r0 * m, m, x_data + r0 * n, n, rows);
-                         });
+  if (use_packed_product(N, m, n)) {
+    // y = x weight^T: A = weight (m x n, row-major), B = x.
+    const detail::PackedLhsProduct<T, Eigen::RowMajor, Eigen::ColMajor> product(
+        weight_data, n, x_data, n, m, n, kSharedRows);
+    run_packed<T>(
+        product, y_data, m, N, serial, num_threads,
+        [&](Index r0, Index rows) { start_rows(r0, rows, 0, m); }, 0, [](Index) {});
     return;
   }
 
@@ -205,18 +222,20 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
   ConstMatrixView<T> x(x_data, N, n);
   ConstMatrixView<T> weight(weight_data, m, n);
 
-  // grad_x = grad weight: either tasks of batch rows with the weight packed once (a long
-  // batch) or tiles of the (N, n) output; depth m either way.
-  const bool shared_x = grad_x_data != nullptr && use_shared_weight<T>(N, n, m);
-  const TileGrid x_grid = grad_x_data && !shared_x ? plan_tiles(N, n, kOutputTiles) : TileGrid{};
+  // grad_x = grad weight (N x n, depth m) and grad_weight = grad^T x (m x n, depth N): each
+  // either a packed product in tasks of output rows (a long output, see kSharedRows) or
+  // output tiles. The tiles and the grad_bias tasks form one pool of tasks.
+  const bool packed_x = grad_x_data != nullptr && use_packed_product(N, n, m);
+  const bool packed_w = grad_weight_data != nullptr && use_packed_product(m, n, N);
+  const TileGrid x_grid = grad_x_data && !packed_x ? plan_tiles(N, n, kOutputTiles) : TileGrid{};
 
-  // grad_weight = grad^T x: tiles of the (m, n) output, depth N (the batch). When the weight
-  // is too small to give kLinearTiles tiles, the batch is also split into a fixed number of
+  // Tiled grad_weight: tiles of the (m, n) output over the whole batch. When the weight is
+  // too small to give kLinearTiles tiles, the batch is also split into a fixed number of
   // chunks (for kLinearTiles tasks in all): chunk 0 writes into grad_weight, the others into
   // partial buffers that are added in chunk order afterwards.
   TileGrid w_grid;
   Index chunks = 1, chunk_rows = N;
-  if (grad_weight_data != nullptr) {
+  if (grad_weight_data != nullptr && !packed_w) {
     w_grid = plan_tiles(m, n, kWeightTiles);
     const Index tiles = std::max<Index>(w_grid.size(), 1);
     if (tiles < kLinearTiles && N >= 2 * kMinBatchChunk) {
@@ -229,29 +248,19 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
       }
     }
   }
-  Buffer<T> partials(grad_weight_data ? (chunks - 1) * m * n : 0);
+  Buffer<T> partials(chunks > 1 ? (chunks - 1) * m * n : 0);
 
   const Index bias_tasks = grad_bias_data ? ceil_div(m, kBiasChunk) : 0;
-  const Index w_tasks = grad_weight_data ? chunks * w_grid.size() : 0;
-  const Index x_tasks = shared_x ? ceil_div(N, kSharedRows) : x_grid.size();
-  const Index num_tasks = w_tasks + x_tasks + bias_tasks;
+  const Index w_tasks = chunks * w_grid.size();
+  const Index x_tasks = x_grid.size();
+  const Index pool_tasks = w_tasks + x_tasks + bias_tasks;
 
   double flops = 0;
   if (grad_x_data) flops += gemm_flops(N, n, m);
   if (grad_weight_data) flops += gemm_flops(m, n, N);
-  const int team = flops < detail::kSerialFlops ? 1 : detail::team_for(num_tasks, num_threads);
+  const bool serial = flops < detail::kSerialFlops;
 
-  // grad_x's A(i, k) = weight[k, i]: the weight read column-major, packed once.
-  std::optional<detail::PackedLhsProduct<T, Eigen::ColMajor>> x_product;
-  if (shared_x) {
-    x_product.emplace(weight_data, n, n, m, kSharedRows);
-    const Index pack_tasks = x_product->pack_tasks();
-    detail::parallel_for(
-        pack_tasks, flops < detail::kSerialFlops ? 1 : detail::team_for(pack_tasks, num_threads),
-        [&](Index task, int) { x_product->pack(task); });
-  }
-
-  detail::parallel_for(num_tasks, team, [&](Index task, int) {
+  auto pool_task = [&](Index task) {
     if (task < w_tasks) {
       const Index chunk = task / w_grid.size(), tile = task % w_grid.size();
       const Index k0 = chunk * chunk_rows, rows = std::min(chunk_rows, N - k0);
@@ -267,12 +276,6 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
     task -= w_tasks;
     if (task < x_tasks) {
       MatrixView<T> dx(grad_x_data, N, n);
-      if (shared_x) {
-        const Index r0 = task * kSharedRows, rows = std::min(kSharedRows, N - r0);
-        dx.middleRows(r0, rows).setZero();
-        x_product->multiply(grad_x_data + r0 * n, n, grad_data + r0 * m, m, rows);
-        return;
-      }
       const Index r0 = x_grid.row0(task), c0 = x_grid.col0(task);
       const Index nr = x_grid.nrows(task), nc = x_grid.ncols(task);
       detail::gemm(dx.block(r0, c0, nr, nc), grad.middleRows(r0, nr), weight.middleCols(c0, nc),
@@ -286,19 +289,46 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
     RowVectorView<T> db(grad_bias_data + c0, nc);
     db.setZero();
     for (Index k = 0; k < N; ++k) db += grad.row(k).segment(c0, nc);
-  });
+  };
+
+  // The packed products run one after the other (they share the calling thread's packed
+  // buffer); the pool joins the last pass of the last one.
+  if (packed_x) {
+    // A(i, k) = weight[k, i] (the weight read column-major), B = grad.
+    const detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::ColMajor> product(
+        weight_data, n, grad_data, m, n, m, kSharedRows);
+    MatrixView<T> dx(grad_x_data, N, n);
+    run_packed<T>(
+        product, grad_x_data, n, N, serial, num_threads,
+        [&](Index r0, Index rows) { dx.middleRows(r0, rows).setZero(); }, packed_w ? 0 : pool_tasks,
+        pool_task);
+  }
+  if (packed_w) {
+    // A(i, k) = x[k, i] (x read column-major), B(r, k) = grad[k, r] (grad read column-major).
+    const detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::RowMajor> product(
+        x_data, n, grad_data, m, n, N, kSharedRows);
+    MatrixView<T> dw(grad_weight_data, m, n);
+    run_packed<T>(
+        product, grad_weight_data, n, m, serial, num_threads,
+        [&](Index r0, Index rows) { dw.middleRows(r0, rows).setZero(); }, pool_tasks, pool_task);
+  }
+  if (!packed_x && !packed_w) {
+    detail::parallel_for(pool_tasks, serial ? 1 : detail::team_for(pool_tasks, num_threads),
+                         [&](Index task, int) { pool_task(task); });
+  }
 
   if (chunks > 1) {
     // Add the batch chunks' partial weight gradients in chunk order, tile by tile.
-    detail::parallel_for(w_grid.size(), team, [&](Index tile, int) {
-      MatrixView<T> dw(grad_weight_data, m, n);
-      const Index r0 = w_grid.row0(tile), c0 = w_grid.col0(tile);
-      const Index nr = w_grid.nrows(tile), nc = w_grid.ncols(tile);
-      for (Index chunk = 1; chunk < chunks; ++chunk) {
-        ConstMatrixView<T> part(partials.data() + (chunk - 1) * m * n, m, n);
-        dw.block(r0, c0, nr, nc) += part.block(r0, c0, nr, nc);
-      }
-    });
+    detail::parallel_for(w_grid.size(), serial ? 1 : detail::team_for(w_grid.size(), num_threads),
+                         [&](Index tile, int) {
+                           MatrixView<T> dw(grad_weight_data, m, n);
+                           const Index r0 = w_grid.row0(tile), c0 = w_grid.col0(tile);
+                           const Index nr = w_grid.nrows(tile), nc = w_grid.ncols(tile);
+                           for (Index chunk = 1; chunk < chunks; ++chunk) {
+                             ConstMatrixView<T> part(partials.data() + (chunk - 1) * m * n, m, n);
+                             dw.block(r0, c0, nr, nc) += part.block(r0, c0, nr, nc);
+                           }
+                         });
   }
 }
 

@@ -278,8 +278,9 @@ def test_references_agree():
 # Shapes that cross the kernels' block sizes (rows per block 128, What chunks of 512 float /
 # 256 double columns, weight tiles of 96-480 columns, output groups with partial sums,
 # in2 > in1 "swapped" orientation, linear tiles of 256 x 240 and batch chunks of >= 1024,
-# and the linear products of a long batch (>= 1024 rows) with the weight packed once: tasks
-# of 128 rows, depth blocks of ~520 (float) / ~260 (double), packing chunks of 8 panels).
+# and the linear products with >= 1024 output rows, whose other operand is packed once: tasks
+# of 128 rows, depth blocks of ~520 (float) / ~260 (double), packing chunks of 8 panels,
+# passes of at most 8 MiB).
 
 BILINEAR_STRUCTURAL = [
     (300, 40, 50, 20),  # 3 row blocks (last partial), swapped, several chunks
@@ -304,6 +305,10 @@ LINEAR_STRUCTURAL = [
     # Packed weight of 1500 rows and depth 7; grad_x: 7 rows (less than one panel) over a
     # depth of 1500 (several depth blocks).
     (1030, 7, 1500),
+    # grad_weight packed (1030 rows of output: 9 tasks), depth = batch 300, x^T packed.
+    (300, 37, 1030),
+    # Packed operands over 8 MiB, packed in passes (float32: 2, float64: 3-4).
+    (1024, 1100, 2000),
 ]
 
 
@@ -371,7 +376,13 @@ DETERMINISM_BILINEAR = [
     (150, 300, 280, 4),
     (100, 64, 96, 12),
 ]
-DETERMINISM_LINEAR = [(600, 530, 250), (5000, 20, 30), (64, 300, 1000), (1100, 1030, 401)]
+DETERMINISM_LINEAR = [
+    (600, 530, 250),
+    (5000, 20, 30),
+    (64, 300, 1000),
+    (1100, 1030, 401),
+    (300, 37, 1030),
+]
 
 
 def run_all(rng_seed, dtype):

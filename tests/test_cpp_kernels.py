@@ -278,8 +278,8 @@ def test_references_agree():
 # Shapes that cross the kernels' block sizes (rows per block 128, What chunks of 512 float /
 # 256 double columns, weight tiles of 96-480 columns, output groups with partial sums,
 # in2 > in1 "swapped" orientation, linear tiles of 256 x 240 and batch chunks of >= 1024,
-# and the linear products with >= 1024 output rows, whose other operand is packed once: tasks
-# of 128 rows, depth blocks of ~520 (float) / ~260 (double), packing chunks of 8 panels,
+# and the linear products with >= 256 output rows, whose other operand is packed once: tasks
+# of 32-128 rows, depth blocks of ~520 (float) / ~260 (double), packing chunks of 8 panels,
 # passes of at most 8 MiB).
 
 BILINEAR_STRUCTURAL = [
@@ -296,7 +296,8 @@ BILINEAR_STRUCTURAL = [
 LINEAR_STRUCTURAL = [
     (300, 50, 70),
     (5000, 20, 30),  # batch chunks for the weight gradient
-    (600, 530, 250),  # several 256 x 240 tiles, partial edge tiles
+    (200, 530, 250),  # output tiles (fewer than 256 rows), partial edge tiles
+    (600, 530, 250),  # packed weight (80-row tasks); grad_weight in tiles
     (3, 1000, 7),
     (2100, 1, 600),
     # Packed weight: several depth blocks, pack chunks with a partial panel, last task partial

@@ -39,6 +39,9 @@ using MatrixView = Eigen::Map<RowMajorMatrix<T>>;
 template <class T>
 using ConstMatrixView = Eigen::Map<const RowMajorMatrix<T>>;
 template <class T>
+using ColumnMajorView =
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>>;
+template <class T>
 using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic>;
 template <class T>
 using RowVectorView = Eigen::Map<RowVector<T>>;

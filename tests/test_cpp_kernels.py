@@ -298,7 +298,8 @@ LINEAR_STRUCTURAL = [
     (5000, 20, 30),  # batch chunks for the weight gradient
     (200, 530, 250),  # output tiles (fewer than 256 rows), partial edge tiles
     (600, 530, 250),  # packed weight (80-row tasks); grad_weight in tiles
-    (3, 1000, 7),
+    (3, 1000, 7),  # forward tiles computed column-major (a short batch)
+    (100, 1100, 600),  # forward tiles column-major: a weight over 2 MiB
     (2100, 1, 600),
     # Packed weight: several depth blocks, pack chunks with a partial panel, last task partial
     # (grad_x: the weight's transpose, 1030 rows in 3-6 chunks, depth 401).

@@ -112,9 +112,10 @@ class PackedLhsProduct {
   static constexpr Index kMaxPackedBytes = Index(8) << 20;
 
   // A(i, k) = lhs[i * lhs_stride + k] (LhsOrder RowMajor) or lhs[k * lhs_stride + i]
-  // (ColMajor). block_rows: the most rows of R one multiply call gets.
+  // (ColMajor). block_rows: the most rows of R one multiply call gets. slot: the calling
+  // thread's scratch slot for the packed A (two products alive at once need two).
   PackedLhsProduct(const T* lhs, Index lhs_stride, const T* rhs, Index rhs_stride, Index M, Index K,
-                   Index block_rows)
+                   Index block_rows, int slot = kSharedLhsSlot)
       : lhs_(lhs, lhs_stride), rhs_(rhs, rhs_stride), M_(M), K_(K), block_rows_(block_rows) {
     Index mc = M, nc = block_rows;
     kc_ = std::max<Index>(K, 1);
@@ -124,7 +125,7 @@ class PackedLhsProduct {
     block_stride_ = round_up(checked_mul(std::max<Index>(M, 1), kc_), 64 / Index(sizeof(T)));
     blocks_per_pass_ = std::max<Index>(1, kMaxPackedBytes / (block_stride_ * Index(sizeof(T))));
     blocks_per_pass_ = std::min(blocks_per_pass_, std::max<Index>(depth_blocks_, 1));
-    packed_ = thread_scratch<T>(kSharedLhsSlot, block_stride_ * blocks_per_pass_);
+    packed_ = thread_scratch<T>(slot, block_stride_ * blocks_per_pass_);
   }
 
   Index passes() const { return ceil_div(depth_blocks_, blocks_per_pass_); }

@@ -217,10 +217,11 @@ constexpr int kGemmSlot = 0;
 // Two per-worker blocks a kernel uses at the same time (T and W, or accumulator and W).
 constexpr int kBlockSlot = 1;
 constexpr int kSecondBlockSlot = 2;
-// A product's packed left operand that all workers of one call read (PackedLhsProduct in
-// gemm.hpp), held by the calling thread.
+// The packed left operands that all workers of one call read (PackedLhsProduct in gemm.hpp),
+// held by the calling thread: up to two products run together (linear grad_x, grad_weight).
 constexpr int kSharedLhsSlot = 3;
-constexpr int kScratchSlots = 4;
+constexpr int kSecondSharedLhsSlot = 4;
+constexpr int kScratchSlots = 5;
 
 template <class T>
 T* thread_scratch(int slot, Index elements) {

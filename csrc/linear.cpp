@@ -8,6 +8,8 @@
 #include "gemm.hpp"
 #include "kernels.hpp"
 
+#include <initializer_list>
+#include <optional>
 #include <vector>
 
 namespace linmaps {
@@ -155,31 +157,92 @@ Index packed_task_rows(Index out_rows) {
                     kSharedRows);
 }
 
-// Runs `product` over the `rows` rows of R (row stride res_stride) in tasks of
-// packed_task_rows(rows) rows, pass by pass; start(r0, count) prepares rows [r0, r0 + count) before
-// their first pass. `extra` more tasks, extra_task(i), join the last pass's tasks.
-template <class T, class Product, class Start, class Extra>
-void run_packed(const Product& product, T* res, Index res_stride, Index rows, bool serial,
-                int num_threads, Start&& start, Index extra, Extra&& extra_task) {
-  const Index task_rows = packed_task_rows(rows);
-  const Index tasks = ceil_div(rows, task_rows);
-  const Index passes = product.passes();
+// One packed product over the `rows` rows of R (row stride res_stride), in tasks of
+// packed_task_rows(rows) rows; start(r0, count) prepares rows [r0, r0 + count) before their
+// first pass.
+class PackedJob {
+ public:
+  virtual ~PackedJob() = default;
+  virtual Index passes() const = 0;
+  virtual Index pack_tasks(Index pass) const = 0;
+  virtual void pack(Index pass, Index task) const = 0;
+  virtual Index tasks() const = 0;
+  virtual void multiply(Index pass, Index task) const = 0;
+};
+
+template <class T, class Product, class Start>
+class PackedJobOf final : public PackedJob {
+ public:
+  PackedJobOf(const Product& product, T* res, Index res_stride, Index rows, Start start)
+      : product_(product),
+        res_(res),
+        res_stride_(res_stride),
+        rows_(rows),
+        task_rows_(packed_task_rows(rows)),
+        start_(std::move(start)) {}
+  Index passes() const override { return product_.passes(); }
+  Index pack_tasks(Index pass) const override { return product_.pack_tasks(pass); }
+  void pack(Index pass, Index task) const override { product_.pack(pass, task); }
+  Index tasks() const override { return ceil_div(rows_, task_rows_); }
+  void multiply(Index pass, Index task) const override {
+    const Index r0 = task * task_rows_, count = std::min(task_rows_, rows_ - r0);
+    if (pass == 0) start_(r0, count);
+    product_.multiply(pass, res_ + r0 * res_stride_, res_stride_, r0, count);
+  }
+
+ private:
+  const Product& product_;
+  T* res_;
+  Index res_stride_, rows_, task_rows_;
+  Start start_;
+};
+
+// Runs the jobs (null ones are skipped) together, pass by pass: one parallel region packs
+// every job's operand for the pass, the next runs every job's row tasks for it, so two
+// products wait at two barriers per pass instead of four. Each job adds its own depth blocks
+// in order, as it would alone. `extra` more tasks, extra_task(i), join the last region.
+template <class Extra>
+void run_packed(std::initializer_list<const PackedJob*> jobs, bool serial, int num_threads,
+                Index extra, Extra&& extra_task) {
+  Index passes = 0;
+  for (const PackedJob* job : jobs) {
+    if (job) passes = std::max(passes, job->passes());
+  }
+  auto count = [](const PackedJob& job, Index pass, bool packing) {
+    if (pass >= job.passes()) return Index(0);
+    return packing ? job.pack_tasks(pass) : job.tasks();
+  };
+  auto total = [&](Index pass, bool packing) {
+    Index sum = 0;
+    for (const PackedJob* job : jobs) {
+      if (job) sum += count(*job, pass, packing);
+    }
+    return sum;
+  };
+  // Runs task `task` of a region: a job's task, or else extra task (task - the jobs' tasks).
+  auto run_task = [&](Index task, Index pass, bool packing) {
+    for (const PackedJob* job : jobs) {
+      if (!job) continue;
+      const Index n = count(*job, pass, packing);
+      if (task < n) {
+        if (packing) {
+          job->pack(pass, task);
+        } else {
+          job->multiply(pass, task);
+        }
+        return;
+      }
+      task -= n;
+    }
+    extra_task(task);
+  };
   for (Index pass = 0; pass < passes; ++pass) {
-    const Index pack_tasks = product.pack_tasks(pass);
+    const Index pack_tasks = total(pass, true);
     detail::parallel_for(pack_tasks, serial ? 1 : detail::team_for(pack_tasks, num_threads),
-                         [&](Index task, int) { product.pack(pass, task); });
-    const Index all = tasks + (pass + 1 == passes ? extra : 0);
-    detail::parallel_for(all, serial ? 1 : detail::team_for(all, num_threads),
-                         [&](Index task, int) {
-                           if (task >= tasks) {
-                             extra_task(task - tasks);
-                             return;
-                           }
-                           const Index r0 = task * task_rows;
-                           const Index count = std::min(task_rows, rows - r0);
-                           if (pass == 0) start(r0, count);
-                           product.multiply(pass, res + r0 * res_stride, res_stride, r0, count);
-                         });
+                         [&](Index task, int) { run_task(task, pass, true); });
+    const Index tasks = total(pass, false) + (pass + 1 == passes ? extra : 0);
+    detail::parallel_for(tasks, serial ? 1 : detail::team_for(tasks, num_threads),
+                         [&](Index task, int) { run_task(task, pass, false); });
   }
 }
 
@@ -209,9 +272,9 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
     // y = x weight^T: A = weight (m x n, row-major), B = x.
     const detail::PackedLhsProduct<T, Eigen::RowMajor, Eigen::ColMajor> product(
         weight_data, n, x_data, n, m, n, packed_task_rows(N));
-    run_packed<T>(
-        product, y_data, m, N, serial, num_threads,
-        [&](Index r0, Index rows) { start_rows(r0, rows, 0, m); }, 0, [](Index) {});
+    auto start = [&](Index r0, Index rows) { start_rows(r0, rows, 0, m); };
+    const PackedJobOf<T, decltype(product), decltype(start)> job(product, y_data, m, N, start);
+    run_packed({&job}, serial, num_threads, 0, [](Index) {});
     return;
   }
 
@@ -329,26 +392,31 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
     for (Index k = 0; k < N; ++k) db += grad.row(k).segment(c0, nc);
   };
 
-  // The packed products run one after the other (they share the calling thread's packed
-  // buffer); the pool joins the last pass of the last one.
-  if (packed_x) {
-    // A(i, k) = weight[k, i] (the weight read column-major), B = grad.
-    const detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::ColMajor> product(
-        weight_data, n, grad_data, m, n, m, packed_task_rows(N));
-    MatrixView<T> dx(grad_x_data, N, n);
-    run_packed<T>(
-        product, grad_x_data, n, N, serial, num_threads,
-        [&](Index r0, Index rows) { dx.middleRows(r0, rows).setZero(); }, packed_w ? 0 : pool_tasks,
-        pool_task);
-  }
-  if (packed_w) {
-    // A(i, k) = x[k, i] (x read column-major), B(r, k) = grad[k, r] (grad read column-major).
-    const detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::RowMajor> product(
-        x_data, n, grad_data, m, n, N, packed_task_rows(m));
-    MatrixView<T> dw(grad_weight_data, m, n);
-    run_packed<T>(
-        product, grad_weight_data, n, m, serial, num_threads,
-        [&](Index r0, Index rows) { dw.middleRows(r0, rows).setZero(); }, pool_tasks, pool_task);
+  // The packed products run together (each with its own packed buffer); the pool joins
+  // their last region.
+  if (packed_x || packed_w) {
+    // grad_x: A(i, k) = weight[k, i] (the weight read column-major), B = grad.
+    using XProduct = detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::ColMajor>;
+    // grad_weight: A(i, k) = x[k, i] (x read column-major), B(r, k) = grad[k, r].
+    using WProduct = detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::RowMajor>;
+    MatrixView<T> dx(grad_x_data, N, n), dw(grad_weight_data, m, n);
+    auto zero_dx = [&](Index r0, Index rows) { dx.middleRows(r0, rows).setZero(); };
+    auto zero_dw = [&](Index r0, Index rows) { dw.middleRows(r0, rows).setZero(); };
+    std::optional<XProduct> x_product;
+    std::optional<WProduct> w_product;
+    std::optional<PackedJobOf<T, XProduct, decltype(zero_dx)>> x_job;
+    std::optional<PackedJobOf<T, WProduct, decltype(zero_dw)>> w_job;
+    if (packed_x) {
+      x_product.emplace(weight_data, n, grad_data, m, n, m, packed_task_rows(N));
+      x_job.emplace(*x_product, grad_x_data, n, N, zero_dx);
+    }
+    if (packed_w) {
+      w_product.emplace(x_data, n, grad_data, m, n, N, packed_task_rows(m),
+                        detail::kSecondSharedLhsSlot);
+      w_job.emplace(*w_product, grad_weight_data, n, m, zero_dw);
+    }
+    run_packed({x_job ? &*x_job : nullptr, w_job ? &*w_job : nullptr}, serial, num_threads,
+               pool_tasks, pool_task);
   }
   if (!packed_x && !packed_w) {
     detail::parallel_for(pool_tasks, serial ? 1 : detail::team_for(pool_tasks, num_threads),

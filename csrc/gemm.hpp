@@ -78,10 +78,11 @@ void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate) {
                                                                     blocking, nullptr);
 }
 
-// R (+)= B A^T for a row-major R (rows x M), A (M x K) and B (rows x K), with A packed once
-// per call and shared by every worker, the rows of R cut into tasks: the products behind the
-// linear forward (A = weight, B = x), grad_x (A = weight^T, B = grad) and grad_weight
-// (A = x^T, B = grad^T, the batch being the depth).
+// R = R0 + B A^T for a row-major R (rows x M, contiguous), A (M x K) and B (rows x K), each
+// row of R starting as R0 = row_init (M values) or zero, with A packed once per call and
+// shared by every worker and the rows of R cut into tasks of task_rows rows: the products
+// behind the linear forward (A = weight, B = x, R0 = bias), grad_x (A = weight^T, B = grad)
+// and grad_weight (A = x^T, B = grad^T, the batch being the depth).
 //
 // Why: one Eigen product per output tile packs its own copy of A's and B's rows, so a tiled
 // (4096,1024,1024) forward packed the weight 16 times and the input 3 times: 28M packed
@@ -92,10 +93,10 @@ void gemm(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate) {
 // A is packed in depth blocks of kc (Eigen's heuristic for this shape), and at most
 // kMaxPackedBytes of it at a time: the depth blocks are processed in passes. For each pass,
 // run pack(pass, task) for every task in [0, pack_tasks(pass)) (in parallel), then
-// multiply(pass, ...) for the row blocks (in parallel), which adds that pass's depth blocks
-// in order. The blocking depends on the shape only, so results do not depend on which worker
-// runs which task. B(r, k) = rhs[r * rhs_stride + k] (RhsOrder ColMajor, rows of B contiguous)
-// or rhs[k * rhs_stride + r] (RowMajor).
+// multiply(pass, task) for every task in [0, tasks()) (in parallel), which adds that pass's
+// depth blocks in order. The blocking depends on the shape only, so results do not depend on
+// which worker runs which task. B(r, k) = rhs[r * rhs_stride + k] (RhsOrder ColMajor, rows
+// of B contiguous) or rhs[k * rhs_stride + r] (RowMajor).
 template <class T, int LhsOrder, int RhsOrder>
 class PackedLhsProduct {
   using Traits = Eigen::internal::gebp_traits<T, T>;
@@ -112,12 +113,20 @@ class PackedLhsProduct {
   static constexpr Index kMaxPackedBytes = Index(8) << 20;
 
   // A(i, k) = lhs[i * lhs_stride + k] (LhsOrder RowMajor) or lhs[k * lhs_stride + i]
-  // (ColMajor). block_rows: the most rows of R one multiply call gets. slot: the calling
-  // thread's scratch slot for the packed A (two products alive at once need two).
-  PackedLhsProduct(const T* lhs, Index lhs_stride, const T* rhs, Index rhs_stride, Index M, Index K,
-                   Index block_rows, int slot = kSharedLhsSlot)
-      : lhs_(lhs, lhs_stride), rhs_(rhs, rhs_stride), M_(M), K_(K), block_rows_(block_rows) {
-    Index mc = M, nc = block_rows;
+  // (ColMajor). slot: the calling thread's scratch slot for the packed A (two products alive
+  // at once need two).
+  PackedLhsProduct(const T* lhs, Index lhs_stride, const T* rhs, Index rhs_stride, T* res,
+                   const T* row_init, Index rows, Index M, Index K, Index task_rows,
+                   int slot = kSharedLhsSlot)
+      : lhs_(lhs, lhs_stride),
+        rhs_(rhs, rhs_stride),
+        res_(res),
+        row_init_(row_init),
+        rows_(rows),
+        M_(M),
+        K_(K),
+        task_rows_(task_rows) {
+    Index mc = M, nc = task_rows;
     kc_ = std::max<Index>(K, 1);
     Eigen::internal::computeProductBlockingSizes<T, T, 1>(kc_, mc, nc, Index(1));
     depth_blocks_ = ceil_div(K, kc_);
@@ -145,15 +154,25 @@ class PackedLhsProduct {
     pack_lhs(packed_ + slot * block_stride_ + i0 * depth, lhs_.getSubMapper(i0, k0), depth, rows);
   }
 
-  // res[r, i] += sum over this pass's k of B(r0 + r, k) * A(i, k), for r in [0, rows) and
-  // i in [0, M); res rows have stride res_stride.
-  void multiply(Index pass, T* res, Index res_stride, Index r0, Index rows) const {
-    eigen_assert(rows <= block_rows_);
+  Index tasks() const { return ceil_div(rows_, task_rows_); }
+
+  // Rows [task * task_rows, ...) of R: set to R0 in pass 0, then this pass's depth blocks
+  // added in order.
+  void multiply(Index pass, Index task) const {
+    const Index r0 = task * task_rows_, rows = std::min(task_rows_, rows_ - r0);
+    MatrixView<T> res(res_ + r0 * M_, rows, M_);
+    if (pass == 0) {
+      if (row_init_ != nullptr) {
+        res.rowwise() = ConstRowVectorView<T>(row_init_, M_);
+      } else {
+        res.setZero();
+      }
+    }
     if (rows == 0 || M_ == 0 || K_ == 0) return;
     Eigen::internal::gemm_pack_rhs<T, Index, RhsMapper, Traits::nr, RhsOrder> pack_rhs;
     Eigen::internal::gebp_kernel<T, T, Index, ResMapper, Traits::mr, Traits::nr, false, false> gebp;
-    const ResMapper res_map(res, res_stride);
-    T* block_b = thread_scratch<T>(kGemmSlot, kc_ * block_rows_);
+    const ResMapper res_map(res.data(), M_);
+    T* block_b = thread_scratch<T>(kGemmSlot, kc_ * task_rows_);
     for (Index slot = 0; slot < blocks_in(pass); ++slot) {
       const Index k0 = (pass * blocks_per_pass_ + slot) * kc_, depth = std::min(kc_, K_ - k0);
       pack_rhs(block_b, rhs_.getSubMapper(k0, r0), depth, rows);
@@ -168,7 +187,9 @@ class PackedLhsProduct {
 
   LhsMapper lhs_;
   RhsMapper rhs_;
-  Index M_, K_, block_rows_;
+  T* res_;
+  const T* row_init_;
+  Index rows_, M_, K_, task_rows_;
   Index kc_ = 1, depth_blocks_ = 0, block_stride_ = 0, blocks_per_pass_ = 1;
   T* packed_ = nullptr;
 };

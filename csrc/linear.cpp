@@ -8,7 +8,6 @@
 #include "gemm.hpp"
 #include "kernels.hpp"
 
-#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -142,10 +141,10 @@ double gemm_flops(Index a, Index b, Index c) {
 // rounds in one process): (512,256,256) grad_x 0.49 -> 0.34 ms, forward 0.41 -> 0.34 ms;
 // (256,512,512) backward 1.41 -> 1.36 ms; no shape slower.
 constexpr Index kSharedRows = 128;
+constexpr Index kMinSharedRows = 32;
 // Forward tiles (batches shorter than 256) computed column-major: see linear_forward.
 constexpr Index kColumnMajorMaxRows = 64;
 constexpr Index kColumnMajorMinWeightBytes = Index(2) << 20;
-constexpr Index kMinSharedRows = 32;
 
 bool use_packed_product(Index out_rows, Index out_cols, Index depth) {
   return out_rows >= detail::kTargetTasks * kMinSharedRows && out_cols > 0 && depth > 0;
@@ -157,92 +156,47 @@ Index packed_task_rows(Index out_rows) {
                     kSharedRows);
 }
 
-// One packed product over the `rows` rows of R (row stride res_stride), in tasks of
-// packed_task_rows(rows) rows; start(r0, count) prepares rows [r0, r0 + count) before their
-// first pass.
-class PackedJob {
- public:
-  virtual ~PackedJob() = default;
-  virtual Index passes() const = 0;
-  virtual Index pack_tasks(Index pass) const = 0;
-  virtual void pack(Index pass, Index task) const = 0;
-  virtual Index tasks() const = 0;
-  virtual void multiply(Index pass, Index task) const = 0;
-};
-
-template <class T, class Product, class Start>
-class PackedJobOf final : public PackedJob {
- public:
-  PackedJobOf(const Product& product, T* res, Index res_stride, Index rows, Start start)
-      : product_(product),
-        res_(res),
-        res_stride_(res_stride),
-        rows_(rows),
-        task_rows_(packed_task_rows(rows)),
-        start_(std::move(start)) {}
-  Index passes() const override { return product_.passes(); }
-  Index pack_tasks(Index pass) const override { return product_.pack_tasks(pass); }
-  void pack(Index pass, Index task) const override { product_.pack(pass, task); }
-  Index tasks() const override { return ceil_div(rows_, task_rows_); }
-  void multiply(Index pass, Index task) const override {
-    const Index r0 = task * task_rows_, count = std::min(task_rows_, rows_ - r0);
-    if (pass == 0) start_(r0, count);
-    product_.multiply(pass, res_ + r0 * res_stride_, res_stride_, r0, count);
-  }
-
- private:
-  const Product& product_;
-  T* res_;
-  Index res_stride_, rows_, task_rows_;
-  Start start_;
-};
-
-// Runs the jobs (null ones are skipped) together, pass by pass: one parallel region packs
-// every job's operand for the pass, the next runs every job's row tasks for it, so two
-// products wait at two barriers per pass instead of four. Each job adds its own depth blocks
-// in order, as it would alone. `extra` more tasks, extra_task(i), join the last region.
-template <class Extra>
-void run_packed(std::initializer_list<const PackedJob*> jobs, bool serial, int num_threads,
-                Index extra, Extra&& extra_task) {
-  Index passes = 0;
-  for (const PackedJob* job : jobs) {
-    if (job) passes = std::max(passes, job->passes());
-  }
-  auto count = [](const PackedJob& job, Index pass, bool packing) {
-    if (pass >= job.passes()) return Index(0);
-    return packing ? job.pack_tasks(pass) : job.tasks();
-  };
-  auto total = [&](Index pass, bool packing) {
-    Index sum = 0;
-    for (const PackedJob* job : jobs) {
-      if (job) sum += count(*job, pass, packing);
-    }
-    return sum;
-  };
-  // Runs task `task` of a region: a job's task, or else extra task (task - the jobs' tasks).
-  auto run_task = [&](Index task, Index pass, bool packing) {
-    for (const PackedJob* job : jobs) {
-      if (!job) continue;
-      const Index n = count(*job, pass, packing);
-      if (task < n) {
-        if (packing) {
-          job->pack(pass, task);
-        } else {
-          job->multiply(pass, task);
-        }
-        return;
-      }
-      task -= n;
-    }
-    extra_task(task);
-  };
+// Runs packed products (detail::PackedLhsProduct; null ones are skipped) together, pass by
+// pass: one parallel region packs every product's operand for the pass, the next runs every
+// product's row tasks for it, so two products wait at two barriers per pass instead of four.
+// Each product adds its own depth blocks in order, as it would alone. `extra` more tasks,
+// extra_task(i), join the last region (the only region when there is no product).
+template <class Extra, class... Products>
+void run_packed(bool serial, int num_threads, Index extra, Extra&& extra_task,
+                const Products*... products) {
+  Index passes = 1;
+  ((products ? passes = std::max(passes, products->passes()) : 0), ...);
   for (Index pass = 0; pass < passes; ++pass) {
-    const Index pack_tasks = total(pass, true);
+    auto count = [&](const auto* product, bool packing) {
+      if (product == nullptr || pass >= product->passes()) return Index(0);
+      return packing ? product->pack_tasks(pass) : product->tasks();
+    };
+    // Task `task` of a region: a product's task, or else extra task (task - their tasks).
+    auto run_task = [&](Index task, bool packing) {
+      bool done = false;
+      auto try_product = [&](const auto* product) {
+        const Index n = done ? 0 : count(product, packing);
+        if (task >= n) {
+          task -= n;
+          return;
+        }
+        if (packing) {
+          product->pack(pass, task);
+        } else {
+          product->multiply(pass, task);
+        }
+        done = true;
+      };
+      (try_product(products), ...);
+      if (!done) extra_task(task);
+    };
+    const Index pack_tasks = (Index(0) + ... + count(products, true));
     detail::parallel_for(pack_tasks, serial ? 1 : detail::team_for(pack_tasks, num_threads),
-                         [&](Index task, int) { run_task(task, pass, true); });
-    const Index tasks = total(pass, false) + (pass + 1 == passes ? extra : 0);
+                         [&](Index task, int) { run_task(task, true); });
+    const Index tasks =
+        (Index(0) + ... + count(products, false)) + (pass + 1 == passes ? extra : 0);
     detail::parallel_for(tasks, serial ? 1 : detail::team_for(tasks, num_threads),
-                         [&](Index task, int) { run_task(task, pass, false); });
+                         [&](Index task, int) { run_task(task, false); });
   }
 }
 
@@ -257,24 +211,14 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
   MatrixView<T> y(y_data, N, m);
 
   const bool serial = gemm_flops(N, m, n) < detail::kSerialFlops;
-  // y starts as the bias (or zero) and the products accumulate into it, as PyTorch's addmm
-  // does: one pass over y fewer than adding the bias afterwards.
-  auto start_rows = [&](Index r0, Index rows, Index c0, Index cols) {
-    auto block = y.block(r0, c0, rows, cols);
-    if (bias_data != nullptr) {
-      block.rowwise() = ConstRowVectorView<T>(bias_data + c0, cols);
-    } else {
-      block.setZero();
-    }
-  };
 
+  // y starts as the bias (or zero) and the product accumulates into it, as PyTorch's addmm
+  // does: one pass over y fewer than adding the bias afterwards.
   if (use_packed_product(N, m, n)) {
-    // y = x weight^T: A = weight (m x n, row-major), B = x.
+    // A = weight (m x n, row-major), B = x.
     const detail::PackedLhsProduct<T, Eigen::RowMajor, Eigen::ColMajor> product(
-        weight_data, n, x_data, n, m, n, packed_task_rows(N));
-    auto start = [&](Index r0, Index rows) { start_rows(r0, rows, 0, m); };
-    const PackedJobOf<T, decltype(product), decltype(start)> job(product, y_data, m, N, start);
-    run_packed({&job}, serial, num_threads, 0, [](Index) {});
+        weight_data, n, x_data, n, y_data, bias_data, N, m, n, packed_task_rows(N));
+    run_packed(serial, num_threads, 0, [](Index) {}, &product);
     return;
   }
 
@@ -307,10 +251,14 @@ void linear_forward(const T* x_data, const T* weight_data, const T* bias_data, T
       }
       return;
     }
-    start_rows(r0, rows, c0, cols);
+    auto y_tile = y.block(r0, c0, rows, cols);
+    if (bias_data != nullptr) {
+      y_tile.rowwise() = ConstRowVectorView<T>(bias_data + c0, cols);
+    } else {
+      y_tile.setZero();
+    }
     // Empty depth (n == 0): nothing is added, y is the bias (the empty sum is zero).
-    detail::gemm(y.block(r0, c0, rows, cols), x.middleRows(r0, rows),
-                 weight.middleRows(c0, cols).transpose(), true);
+    detail::gemm(y_tile, x.middleRows(r0, rows), weight.middleRows(c0, cols).transpose(), true);
   });
 }
 
@@ -394,34 +342,20 @@ void linear_backward(const T* grad_data, const T* x_data, const T* weight_data, 
 
   // The packed products run together (each with its own packed buffer); the pool joins
   // their last region.
-  if (packed_x || packed_w) {
-    // grad_x: A(i, k) = weight[k, i] (the weight read column-major), B = grad.
-    using XProduct = detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::ColMajor>;
-    // grad_weight: A(i, k) = x[k, i] (x read column-major), B(r, k) = grad[k, r].
-    using WProduct = detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::RowMajor>;
-    MatrixView<T> dx(grad_x_data, N, n), dw(grad_weight_data, m, n);
-    auto zero_dx = [&](Index r0, Index rows) { dx.middleRows(r0, rows).setZero(); };
-    auto zero_dw = [&](Index r0, Index rows) { dw.middleRows(r0, rows).setZero(); };
-    std::optional<XProduct> x_product;
-    std::optional<WProduct> w_product;
-    std::optional<PackedJobOf<T, XProduct, decltype(zero_dx)>> x_job;
-    std::optional<PackedJobOf<T, WProduct, decltype(zero_dw)>> w_job;
-    if (packed_x) {
-      x_product.emplace(weight_data, n, grad_data, m, n, m, packed_task_rows(N));
-      x_job.emplace(*x_product, grad_x_data, n, N, zero_dx);
-    }
-    if (packed_w) {
-      w_product.emplace(x_data, n, grad_data, m, n, N, packed_task_rows(m),
-                        detail::kSecondSharedLhsSlot);
-      w_job.emplace(*w_product, grad_weight_data, n, m, zero_dw);
-    }
-    run_packed({x_job ? &*x_job : nullptr, w_job ? &*w_job : nullptr}, serial, num_threads,
-               pool_tasks, pool_task);
+  // grad_x: A(i, k) = weight[k, i] (the weight read column-major), B = grad.
+  std::optional<detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::ColMajor>> x_product;
+  // grad_weight: A(i, k) = x[k, i] (x read column-major), B(r, k) = grad[k, r].
+  std::optional<detail::PackedLhsProduct<T, Eigen::ColMajor, Eigen::RowMajor>> w_product;
+  if (packed_x) {
+    x_product.emplace(weight_data, n, grad_data, m, grad_x_data, nullptr, N, n, m,
+                      packed_task_rows(N));
   }
-  if (!packed_x && !packed_w) {
-    detail::parallel_for(pool_tasks, serial ? 1 : detail::team_for(pool_tasks, num_threads),
-                         [&](Index task, int) { pool_task(task); });
+  if (packed_w) {
+    w_product.emplace(x_data, n, grad_data, m, grad_weight_data, nullptr, m, n, N,
+                      packed_task_rows(m), detail::kSecondSharedLhsSlot);
   }
+  run_packed(serial, num_threads, pool_tasks, pool_task, x_product ? &*x_product : nullptr,
+             w_product ? &*w_product : nullptr);
 
   if (chunks > 1) {
     // Add the batch chunks' partial weight gradients in chunk order, tile by tile.

@@ -29,7 +29,8 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
   const T* bias_data = bias ? bias->data() : nullptr;
   const T *x1_data = x1.data(), *x2_data = x2.data(), *weight_data = weight.data();
   T* z_data = z.mutable_data();
-  const int num_threads = threads::for_call();
+  const int num_threads = binding::threads_for(
+      binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
   {
     py::gil_scoped_release release;
     bilinear_forward<T>(x1_data, x2_data, weight_data, bias_data, z_data, shape, num_threads);
@@ -56,7 +57,8 @@ py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const A
   T* grad_x2_data = binding::data_or_null(need_x2, grad_x2);
   T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
   T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
-  const int num_threads = threads::for_call();
+  const int num_threads = binding::threads_for(
+      binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
   {
     py::gil_scoped_release release;
     bilinear_backward<T>(grad_data, x1_data, x2_data, weight_data, grad_x1_data, grad_x2_data,

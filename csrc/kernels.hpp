@@ -20,7 +20,10 @@
 #include <exception>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -100,16 +103,42 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
 // threadpool_limits, or user code calling omp_set_num_threads) changed it from the process
 // default; see threads.cpp.
 namespace threads {
-// The process-wide setting (the OpenMP default until set_setting is called).
+// The process-wide state shared by every instruction-set module (threads.cpp): the baseline
+// module creates it, the others use that one.
+struct ProcessState;
+ProcessState* new_process_state();
+void use_process_state(ProcessState* state);
+// OpenMP's process default (OMP_NUM_THREADS, else the CPUs), as read at import.
+int openmp_default();
+// The most threads linmaps ever asks for (a small multiple of the usable CPUs).
+int cap();
+// The process-wide setting (the OpenMP default until set_setting is called), at most cap().
 int setting();
-// n >= 1.
+// n >= 1; stored as min(n, cap()).
 void set_setting(int n);
 // Threads a call made now from the calling thread may use: the setting, capped by the
-// calling thread's OpenMP ICV if that was changed from the process default.
+// calling thread's OpenMP ICV if that was changed from the process default; 1 in a forked
+// child of a process that had started an OpenMP team.
 int for_call();
+// Records that an OpenMP team of more than one thread was started (see in_forked_child).
+void note_team_started();
+bool in_forked_child();
 // The team size an OpenMP parallel region opened like the kernels open theirs actually gets
 // (diagnostics and tests).
 int team_size();
+// The OpenBLAS threads callback (NumPy's BLAS on linmaps' pool): install it into the loaded
+// library at `path` (the setter's symbol name, or "" when it has none), remove it from
+// every library, list the libraries that have it, and count the BLAS calls it ran.
+std::string blas_install(const std::string& path);
+// Whether OpenBLAS libraries get the callback: on, give it to those loaded now; off, take it
+// back from all.
+void blas_set_sharing(bool enable);
+// When sharing: give the callback to OpenBLAS libraries loaded since the last look (cheap
+// when none was: one look at the dynamic loader's count of loaded objects).
+void blas_refresh();
+void blas_uninstall();
+std::vector<std::pair<std::string, std::string>> blas_installed();
+long long blas_calls();
 }  // namespace threads
 
 // ---------------------------------------------------------------------------------------
@@ -179,6 +208,7 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
     for (Index task = 0; task < num_tasks; ++task) body(task, 0);
     return;
   }
+  threads::note_team_started();
   std::exception_ptr error;
   std::atomic<bool> failed{false};
 #pragma omp parallel for num_threads(team) schedule(dynamic, 1)

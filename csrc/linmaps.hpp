@@ -86,6 +86,21 @@ bool exact_array(py::handle h, py::ssize_t ndim) {
   return descr->type_num == py::detail::npy_format_descriptor<T>::value && descr->byteorder != '>';
 }
 
+// The threads for a kernel call of about `flops` floating-point operations. A call that will
+// use threads first gives the BLAS threads callback to any OpenBLAS loaded since the last
+// look (threads.cpp), so that a SciPy imported after linmaps shares the pool too.
+inline int threads_for(double flops) {
+  const int num_threads = threads::for_call();
+  if (num_threads > 1 && flops >= detail::kSerialFlops) threads::blas_refresh();
+  return num_threads;
+}
+
+inline double product_flops(std::initializer_list<Index> extents) {
+  double flops = 2.0;
+  for (Index extent : extents) flops *= static_cast<double>(extent);
+  return flops;
+}
+
 template <class T>
 py::object array_or_none(bool wanted, Array<T>& array) {
   return wanted ? py::object(array) : py::object(py::none());

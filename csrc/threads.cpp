@@ -1,29 +1,95 @@
-// The process-wide thread setting of linmaps and how it combines with OpenMP's per-thread
-// nthreads-var ICV.
+// The process-wide thread policy of linmaps: the thread setting and its cap, what a forked
+// child does, and the OpenBLAS threads callback that runs NumPy's BLAS on linmaps' OpenMP
+// pool (docs/kernels.md section 5 and docs/performance.md, "Mixing").
 //
-// libgomp keeps nthreads-var per thread: omp_set_num_threads (which threadpoolctl calls for
-// threadpool_limits) only changes it for the calling thread, and a thread that never called
-// it sees the process default (OMP_NUM_THREADS, else the number of processors). Hence:
+// Thread setting. libgomp keeps nthreads-var per thread: omp_set_num_threads (which
+// threadpoolctl calls for threadpool_limits) only changes it for the calling thread, and a
+// thread that never called it sees the process default (OMP_NUM_THREADS, else the number of
+// processors). Hence:
 //   * set_num_threads stores a process-wide setting (an atomic), applied through a
 //     num_threads(...) clause, so it holds for calls from every Python thread;
 //   * a calling thread whose ICV differs from the process default has been limited on
 //     purpose (threadpool_limits, omp_set_num_threads), and that ICV caps the setting for
 //     calls from that thread only;
-//   * until set_num_threads is called the setting is the process default itself.
+//   * until set_num_threads is called the setting is the process default itself;
+//   * nothing asks for more than cap() threads (kCapPerCpu per usable CPU).
 // The one ambiguity: a thread that sets its ICV to exactly the process default cannot be
 // told apart from one that never touched it, so threadpool_limits(d) with d the default
 // does not cap a larger set_num_threads(n > d).
-#include "kernels.hpp"
+//
+// State shared by every instruction-set module. linmaps loads one extension module per
+// instruction set (_core, _core_avx2, ...), each with its own copy of this file's statics,
+// but they share one libgomp. The process-wide state (the setting, whether an OpenMP team
+// was ever started, the fork flag, the BLAS libraries given the callback) therefore lives in
+// one ProcessState, created by the baseline module _core (always imported first) and handed
+// to the others through a capsule.
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
+#include <sched.h>
 
+#include <cctype>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
+
+#include "kernels.hpp"
 
 namespace linmaps {
 namespace threads {
+
+// OpenBLAS's caller-managed threading (openblas_set_threads_callback_function, OpenBLAS
+// 0.3.27 and later): exec_blas hands every parallel BLAS call's jobs to the callback.
+using BlasJob = void (*)(int thread_num, void* job_data, int job_arg);
+using BlasThreadsCallback = void (*)(int sync, BlasJob job, int num_jobs, std::size_t job_size,
+                                     void* jobs, int job_arg);
+using BlasCallbackSetter = void (*)(BlasThreadsCallback);
+
+struct BlasLibrary {
+  std::string path, symbol;
+  void* handle;  // keeps the library loaded while it holds our callback
+  BlasCallbackSetter set_callback;
+};
+
+struct ProcessState {
+  std::atomic<int> setting{0};  // 0: not set, follow the process default
+  std::atomic<bool> team_started{false};
+  std::atomic<bool> forked_child{false};
+  std::atomic<long long> blas_calls{0};
+  std::atomic<bool> blas_sharing{false};
+  std::atomic<unsigned long long> loaded_objects_seen{0};
+  std::mutex blas_mutex;
+  std::vector<BlasLibrary> blas_libraries;
+};
+
 namespace {
+
+ProcessState* g_state = nullptr;
+
+int usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(CPU_COUNT(&set), 1);
+  return std::max<int>(static_cast<int>(std::thread::hardware_concurrency()), 1);
+}
+
+// Threads beyond the CPUs only add switching to compute-bound kernels; a small factor still
+// lets tests and users oversubscribe on purpose (3 threads on 2 CPUs), and the cap keeps an
+// absurd request (OMP_NUM_THREADS=999999, set_num_threads(10**5)) from starting thousands
+// of OS threads, which libgomp aborts the process over when it cannot create them.
+constexpr int kCapPerCpu = 4;
+
+int thread_cap() {
+  static const int value = kCapPerCpu * usable_cpus();
+  return value;
+}
 
 // The ICV a fresh thread sees. Read from a new thread so that importing linmaps inside a
 // threadpool_limits block does not mistake the temporary limit for the default.
-int read_process_default() {
+int read_openmp_default() {
 #ifdef _OPENMP
   int value = 1;
   try {
@@ -38,14 +104,6 @@ int read_process_default() {
 #endif
 }
 
-int process_default() {
-  static const int value = read_process_default();
-  return value;
-}
-
-// 0: not set, follow the process default.
-std::atomic<int> g_setting{0};
-
 int calling_thread_icv() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -54,27 +112,168 @@ int calling_thread_icv() {
 #endif
 }
 
+// Runs jobs [first, num_jobs) on new threads and job `own` on this one, all at once.
+void run_jobs_on_new_threads(BlasJob job, int first, int num_jobs, std::size_t job_size,
+                             char* jobs, int job_arg, int own) noexcept {
+  std::vector<std::thread> extra;
+  try {
+    extra.reserve(static_cast<std::size_t>(num_jobs - first));
+    for (int j = first; j < num_jobs; ++j) extra.emplace_back(job, j, jobs + j * job_size, job_arg);
+  } catch (...) {
+    // OpenBLAS's level-3 jobs wait for each other, so running fewer at once could hang:
+    // fail loudly, as OpenBLAS itself does when it cannot create a thread.
+    std::fputs("linmaps: could not start a thread for a BLAS call\n", stderr);
+    std::abort();
+  }
+  if (own >= 0) job(own, jobs + own * job_size, job_arg);
+  for (auto& thread : extra) thread.join();
+}
+
+// Whether a parallel region opened now with num_threads(n) is sure to get n threads.
+bool full_team_guaranteed(int n) {
+#ifdef _OPENMP
+  return omp_get_active_level() < omp_get_max_active_levels() && !omp_get_dynamic() &&
+         omp_get_thread_limit() >= 4 * n;
+#else
+  (void)n;
+  return false;
+#endif
+}
+
+// The callback OpenBLAS calls instead of waking its own threads: the jobs of one parallel
+// BLAS call, every one of which must run at the same time as the others (OpenBLAS's level-3
+// jobs wait for each other's packed panels). They run on linmaps' OpenMP team, one job per
+// thread, so NumPy's BLAS and linmaps share one pool instead of two that spin against each
+// other. OpenBLAS chooses the number of jobs (its own thread count): what NumPy computes,
+// and how it splits it, is unchanged.
+void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs,
+                                     std::size_t job_size, void* job_data, int job_arg) {
+  char* jobs = static_cast<char*>(job_data);
+  if (num_jobs <= 0) return;
+  g_state->blas_calls.fetch_add(1, std::memory_order_relaxed);
+  if (num_jobs == 1) {
+    job(0, jobs, job_arg);
+    return;
+  }
+  if (!full_team_guaranteed(num_jobs) || g_state->forked_child.load(std::memory_order_relaxed)) {
+    run_jobs_on_new_threads(job, 1, num_jobs, job_size, jobs, job_arg, 0);
+    return;
+  }
+  note_team_started();
+#pragma omp parallel num_threads(num_jobs)
+  {
+#ifdef _OPENMP
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int thread = 0, team = 1;
+#endif
+    if (team >= num_jobs) {
+      job(thread, jobs + thread * job_size, job_arg);
+    } else if (thread == 0) {  // a smaller team after all: the missing jobs get new threads
+      run_jobs_on_new_threads(job, team, num_jobs, job_size, jobs, job_arg, 0);
+    } else {
+      job(thread, jobs + thread * job_size, job_arg);
+    }
+  }
+}
+
+// In a forked child only the forking thread exists. GNU libgomp cannot use a pool whose
+// threads were not forked (a parallel region hangs), so a child of a process that ever
+// started an OpenMP team computes on its calling thread; and the BLAS libraries get their
+// own threads back (OpenBLAS restarts its pool in the child by itself).
+void after_fork_in_child() {
+  if (g_state == nullptr || !g_state->team_started.load(std::memory_order_relaxed)) return;
+  g_state->forked_child.store(true, std::memory_order_relaxed);
+  // No lock: the child has one thread, and the mutex may have been held by a thread that
+  // does not exist here.
+  for (const auto& library : g_state->blas_libraries) library.set_callback(nullptr);
+  new (&g_state->blas_mutex) std::mutex();
+  g_state->blas_libraries.clear();
+  g_state->blas_sharing.store(false, std::memory_order_relaxed);
+}
+
+// dl_iterate_phdr's count of objects ever loaded into the process (glibc's dlpi_adds).
+unsigned long long loaded_objects() {
+  unsigned long long adds = 0;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t size, void* data) {
+        if (size >= offsetof(dl_phdr_info, dlpi_adds) + sizeof(info->dlpi_adds)) {
+          *static_cast<unsigned long long*>(data) = info->dlpi_adds;
+        }
+        return 1;  // the first object is enough
+      },
+      &adds);
+  return adds;
+}
+
+std::vector<std::string> loaded_openblas_paths() {
+  std::vector<std::string> paths;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, std::size_t, void* data) {
+        const std::string path = info->dlpi_name ? info->dlpi_name : "";
+        const std::string name = path.substr(path.find_last_of('/') + 1);
+        std::string lower = name;
+        for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+        if (lower.find("openblas") != std::string::npos) {
+          static_cast<std::vector<std::string>*>(data)->push_back(path);
+        }
+        return 0;
+      },
+      &paths);
+  return paths;
+}
+
 }  // namespace
 
+ProcessState* new_process_state() {
+  g_state = new ProcessState();  // never freed: BLAS libraries may hold the callback
+  pthread_atfork(nullptr, nullptr, after_fork_in_child);
+  openmp_default();  // read the OpenMP process default now, not on the first call
+  return g_state;
+}
+
+void use_process_state(ProcessState* state) {
+  g_state = state;
+  openmp_default();
+}
+
+int openmp_default() {
+  static const int value = read_openmp_default();
+  return value;
+}
+
+int cap() { return thread_cap(); }
+
 int setting() {
-  const int value = g_setting.load(std::memory_order_relaxed);
-  return value > 0 ? value : process_default();
+  const int value = g_state->setting.load(std::memory_order_relaxed);
+  return value > 0 ? value : std::min(openmp_default(), thread_cap());
 }
 
 void set_setting(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
-  g_setting.store(n, std::memory_order_relaxed);
+  g_state->setting.store(std::min(n, thread_cap()), std::memory_order_relaxed);
 }
 
 int for_call() {
+  if (g_state->forked_child.load(std::memory_order_relaxed)) return 1;
   const int wanted = setting();
   const int icv = calling_thread_icv();
-  if (icv != process_default()) return std::max(1, std::min(wanted, icv));
+  if (icv != openmp_default()) return std::max(1, std::min(wanted, icv));
   return wanted;
 }
 
+void note_team_started() {
+  if (!g_state->team_started.load(std::memory_order_relaxed)) {
+    g_state->team_started.store(true, std::memory_order_relaxed);
+  }
+}
+
+bool in_forked_child() { return g_state->forked_child.load(std::memory_order_relaxed); }
+
 int team_size() {
   const int team = for_call();
+  if (team <= 1) return 1;
+  note_team_started();
   int size = 1;
 #pragma omp parallel num_threads(team)
   {
@@ -85,6 +284,67 @@ int team_size() {
   }
   return size;
 }
+
+std::string blas_install(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_state->blas_mutex);
+  for (const auto& library : g_state->blas_libraries) {
+    if (library.path == path) return library.symbol;
+  }
+  if (g_state->forked_child.load(std::memory_order_relaxed)) return "";
+  // RTLD_NOLOAD: only a library this process has loaded already (NumPy's, SciPy's).
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) return "";
+  // The setter's name in plain OpenBLAS and in the scipy-openblas wheels NumPy and SciPy
+  // bundle (symbol prefix scipy_, suffix 64_ for the 64-bit-integer build).
+  static const char* const names[] = {
+      "openblas_set_threads_callback_function",
+      "scipy_openblas_set_threads_callback_function64_",
+      "scipy_openblas_set_threads_callback_function",
+      "openblas_set_threads_callback_function64_",
+  };
+  for (const char* name : names) {
+    auto setter = reinterpret_cast<BlasCallbackSetter>(dlsym(handle, name));
+    if (setter == nullptr) continue;
+    setter(&linmaps_blas_threads);
+    g_state->blas_libraries.push_back({path, name, handle, setter});
+    return name;
+  }
+  dlclose(handle);
+  return "";
+}
+
+void blas_uninstall() {
+  std::lock_guard<std::mutex> lock(g_state->blas_mutex);
+  for (const auto& library : g_state->blas_libraries) {
+    library.set_callback(nullptr);
+    // The handle stays open: a BLAS call that read the callback just before may still be
+    // calling into this module.
+  }
+  g_state->blas_libraries.clear();
+}
+
+std::vector<std::pair<std::string, std::string>> blas_installed() {
+  std::lock_guard<std::mutex> lock(g_state->blas_mutex);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& library : g_state->blas_libraries) out.emplace_back(library.path, library.symbol);
+  return out;
+}
+
+void blas_set_sharing(bool enable) {
+  g_state->blas_sharing.store(enable, std::memory_order_relaxed);
+  g_state->loaded_objects_seen.store(0, std::memory_order_relaxed);
+  if (!enable) blas_uninstall();
+}
+
+void blas_refresh() {
+  if (!g_state->blas_sharing.load(std::memory_order_relaxed)) return;
+  const unsigned long long adds = loaded_objects();
+  if (adds != 0 && adds == g_state->loaded_objects_seen.load(std::memory_order_relaxed)) return;
+  g_state->loaded_objects_seen.store(adds, std::memory_order_relaxed);
+  for (const auto& path : loaded_openblas_paths()) blas_install(path);
+}
+
+long long blas_calls() { return g_state->blas_calls.load(std::memory_order_relaxed); }
 
 }  // namespace threads
 }  // namespace linmaps

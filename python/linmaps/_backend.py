@@ -16,20 +16,25 @@ import os
 import threading
 import warnings
 
-from . import _dispatch, _numpy_backend
+from . import _dispatch, _numpy_backend, _threads
 
 BACKENDS = ("cpp", "python")
 
 _cpp_backend = None
 _cpp_error: str | None = None
 try:
-    # _core first, so that a missing or broken build is reported as such.
-    importlib.import_module(f"{__package__}._core")
-    _cpp_backend = importlib.import_module(f"{__package__}._cpp_backend")
+    # _core first, so that a missing or broken build is reported as such. Its libgomp is
+    # loaded with a short spin (_threads).
+    with _threads.short_spin_while_loading():
+        importlib.import_module(f"{__package__}._core")
+        _cpp_backend = importlib.import_module(f"{__package__}._cpp_backend")
 except _dispatch.CpuLevelError:
     raise  # LINMAPS_CPU asked for something impossible: say so rather than fall back
 except Exception as exc:  # any failure to load the compiled module means "use NumPy"
     _cpp_error = f"{type(exc).__name__}: {exc}"
+
+if _cpp_backend is not None:
+    _threads.setup(_cpp_backend._core)
 
 # The dispatched kernel module when it has the front end's fast paths (None otherwise).
 fast_core = None

@@ -1,0 +1,135 @@
+"""How linmaps' OpenMP pool lives with NumPy's BLAS pool in one process.
+
+Two measures, both described in docs/performance.md ("Mixing linmaps with NumPy's BLAS"):
+
+* **A short spin for linmaps' OpenMP threads.** libgomp's idle threads spin about 10 ms
+  (300,000 rounds) after each parallel region before they sleep, taking cores from anything
+  else that runs then. libgomp reads ``GOMP_SPINCOUNT`` once, when it is loaded, so linmaps
+  sets it just for the moment its compiled module (and with it, in a wheel, its own copy of
+  libgomp) is loaded, and restores the environment right after. A user's own
+  ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` wins.
+* **One pool for NumPy's BLAS and linmaps.** OpenBLAS (0.3.27 and later) lets a program run
+  its parallel calls on the program's own threads (``openblas_set_threads_callback_function``).
+  linmaps gives every OpenBLAS loaded in the process (NumPy's, SciPy's) a callback that runs
+  each call's jobs on linmaps' OpenMP team, one job per thread. OpenBLAS still decides how
+  many jobs and how to split the work, so NumPy's results are unchanged; its own threads,
+  never woken again, sleep. ``LINMAPS_BLAS_THREADS=native`` (read at import) leaves OpenBLAS
+  alone; :func:`linmaps.share_blas_threads` switches at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+# libgomp's spin before an idle thread sleeps, in rounds of its wait loop (about 35 ns each
+# on the machine of docs/performance.md): long enough to bridge the gap between two calls of
+# a loop, short enough not to hold a core that another pool or process needs.
+SPINCOUNT = "10000"
+_WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+# What happened at import, for show_config().
+wait_policy = "not set"
+
+
+def _loaded_openmp_runtimes() -> set:
+    return {path for path in _mapped_libraries() if os.path.basename(path).startswith("libgomp")}
+
+
+def _mapped_libraries() -> list:
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line and ".so" in line}
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+@contextlib.contextmanager
+def short_spin_while_loading():
+    """Set GOMP_SPINCOUNT while the compiled module (and its libgomp) load, then restore it."""
+    global wait_policy
+    user = [name for name in _WAIT_VARIABLES if name in os.environ]
+    if user:
+        wait_policy = "the user's " + ", ".join(f"{n}={os.environ[n]}" for n in user)
+        yield
+        return
+    before = _loaded_openmp_runtimes()
+    os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+    try:
+        yield
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+    loaded = _loaded_openmp_runtimes() - before
+    if loaded:
+        wait_policy = f"GOMP_SPINCOUNT={SPINCOUNT} (set by linmaps when loading its libgomp)"
+    else:
+        # The libgomp linmaps links was already loaded (by another library), with its own
+        # setting; linmaps cannot change it any more.
+        wait_policy = "libgomp's own (it was loaded before linmaps)"
+
+
+# ----------------------------------------------------------------------------- BLAS pool
+
+_core = None  # the compiled module whose callback OpenBLAS gets
+_shared = False
+
+
+def _openblas_loaded() -> bool:
+    return any("openblas" in os.path.basename(p).lower() for p in _mapped_libraries())
+
+
+def _env_mode() -> str:
+    value = os.environ.get("LINMAPS_BLAS_THREADS", "").strip().lower()
+    if value in ("", "shared"):
+        return "shared"
+    if value == "native":
+        return "native"
+    warnings.warn(
+        f"LINMAPS_BLAS_THREADS={os.environ['LINMAPS_BLAS_THREADS']!r} is neither 'shared' nor "
+        "'native'; using 'shared'",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return "shared"
+
+
+def setup(core) -> None:
+    """At import: share the BLAS pool unless LINMAPS_BLAS_THREADS=native."""
+    global _core
+    _core = core
+    set_shared(_env_mode() == "shared")
+
+
+def set_shared(enable: bool) -> None:
+    """Give every OpenBLAS loaded now (and, from linmaps' next threaded call, later) the
+    callback (True), or give them back their own threads (False)."""
+    global _shared
+    if _core is None:
+        return
+    _shared = bool(enable)
+    _core.blas_set_sharing(_shared)
+    if _shared:
+        _core.blas_refresh()
+
+
+def shared_libraries() -> list:
+    """Paths of the OpenBLAS libraries whose parallel calls run on linmaps' pool."""
+    return [path for path, _ in _core.blas_installed()] if _core is not None else []
+
+
+def describe() -> str:
+    if _core is None:
+        return "no compiled backend"
+    libraries = shared_libraries()
+    if libraries:
+        names = ", ".join(os.path.basename(path) for path in libraries)
+        return f"shared with linmaps' OpenMP pool ({names})"
+    if _core.in_forked_child():
+        return "OpenBLAS's own threads (forked child of a process with OpenMP threads)"
+    if not _shared:
+        return "OpenBLAS's own threads (LINMAPS_BLAS_THREADS=native or share_blas_threads(False))"
+    if _openblas_loaded():
+        return "OpenBLAS's own threads (no threads callback in this OpenBLAS; 0.3.27+ has one)"
+    return "no OpenBLAS loaded"

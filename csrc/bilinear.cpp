@@ -255,6 +255,7 @@ void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, 
     // Columns of What for outputs [l0, l1), a chunk at a time (several chunks per output
     // only when q > chunk_cols; then the row dots are summed chunk by chunk, in order).
     for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
+      if (detail::stop_requested()) return;
       MatrixView<T> t(t_space[worker], rows, c1 - c0);
       what.with_chunk(c0, c1 - c0,
                       [&](const auto& what_chunk) { detail::gemm(t, p_rows, what_chunk, false); });
@@ -347,6 +348,7 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
       dq.setZero();
 
       for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
+        if (detail::stop_requested()) return;
         const Index width = c1 - c0;
         what->with_chunk(c0, width, [&](const auto& what_chunk) {
           if (grad_q != nullptr) {
@@ -400,6 +402,7 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
       MatrixView<T> acc(acc_space[worker], p, width);
       if (N == 0) acc.setZero();  // empty batch sum
       for (Index k0 = 0; k0 < N; k0 += step_rows) {
+        if (detail::stop_requested()) return;
         const Index rows = std::min(step_rows, N - k0);
         MatrixView<T> w(w_space[worker], rows, width);
         fill_w<T>(dz.middleRows(k0, rows), Q.middleRows(k0, rows), c0, c1, q, w);

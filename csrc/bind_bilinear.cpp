@@ -31,10 +31,12 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
   T* z_data = z.mutable_data();
   const int num_threads = binding::threads_for(
       binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
+  binding::CallScope call;
   {
     py::gil_scoped_release release;
     bilinear_forward<T>(x1_data, x2_data, weight_data, bias_data, z_data, shape, num_threads);
   }
+  call.raise_if_stopped();
   return z;
 }
 
@@ -59,11 +61,13 @@ py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const A
   T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
   const int num_threads = binding::threads_for(
       binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
+  binding::CallScope call;
   {
     py::gil_scoped_release release;
     bilinear_backward<T>(grad_data, x1_data, x2_data, weight_data, grad_x1_data, grad_x2_data,
                          grad_weight_data, grad_bias_data, shape, num_threads);
   }
+  call.raise_if_stopped();
   return py::make_tuple(binding::array_or_none(need_x1, grad_x1),
                         binding::array_or_none(need_x2, grad_x2),
                         binding::array_or_none(need_weight, grad_weight),

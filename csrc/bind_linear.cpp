@@ -22,10 +22,12 @@ Array<T> linear_forward_py(const Array<T>& x, const Array<T>& weight,
   const T *x_data = x.data(), *weight_data = weight.data();
   T* y_data = y.mutable_data();
   const int num_threads = binding::threads_for(binding::product_flops({shape.batch, shape.in, shape.out}));
+  binding::CallScope call;
   {
     py::gil_scoped_release release;
     linear_forward<T>(x_data, weight_data, bias_data, y_data, shape, num_threads);
   }
+  call.raise_if_stopped();
   return y;
 }
 
@@ -47,11 +49,13 @@ py::tuple linear_backward_py(const Array<T>& grad, const Array<T>& x, const Arra
   T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
   T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
   const int num_threads = binding::threads_for(binding::product_flops({shape.batch, shape.in, shape.out}));
+  binding::CallScope call;
   {
     py::gil_scoped_release release;
     linear_backward<T>(grad_data, x_data, weight_data, grad_x_data, grad_weight_data,
                        grad_bias_data, shape, num_threads);
   }
+  call.raise_if_stopped();
   return py::make_tuple(binding::array_or_none(need_x, grad_x),
                         binding::array_or_none(need_weight, grad_weight),
                         binding::array_or_none(need_bias, grad_bias));

@@ -29,6 +29,8 @@ void attach_process_state(py::module_& m) {
 
 void bind_threads(py::module_& m) {
   attach_process_state(m);
+  binding::g_main_thread_ident =
+      py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
 
   m.def("get_num_threads", &threads::for_call,
         "Threads a linmaps call made now from this Python thread may use: the process-wide "

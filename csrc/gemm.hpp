@@ -174,6 +174,7 @@ class PackedLhsProduct {
     const ResMapper res_map(res.data(), M_);
     T* block_b = thread_scratch<T>(kGemmSlot, kc_ * task_rows_);
     for (Index slot = 0; slot < blocks_in(pass); ++slot) {
+      if (stop_requested()) return;
       const Index k0 = (pass * blocks_per_pass_ + slot) * kc_, depth = std::min(kc_, K_ - k0);
       pack_rhs(block_b, rhs_.getSubMapper(k0, r0), depth, rows);
       gebp(res_map, packed_ + slot * block_stride_, block_b, M_, depth, rows, T(1));

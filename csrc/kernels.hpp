@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <limits>
@@ -198,31 +199,77 @@ inline int worker_id() {
 #endif
 }
 
+// Stopping a running call (Ctrl-C). The binding layer gives the calling thread a CallStop
+// whose poll function (run on the calling thread only, at most every kPollInterval, with the
+// GIL taken just for the check) says whether Python has a KeyboardInterrupt pending. Between
+// tasks, and inside long tasks at stop_requested(), every thread of the call then skips the
+// rest of the work; the binding raises instead of returning the (incomplete) outputs.
+// Skipping never reads out of bounds: the outputs and scratch of skipped tasks are just left
+// unset, and they are discarded.
+struct CallStop {
+  using Poll = bool (*)();
+  static constexpr std::chrono::milliseconds kPollInterval{50};
+  explicit CallStop(Poll poll_fn)
+      : poll(poll_fn), next_poll(std::chrono::steady_clock::now() + kPollInterval) {}
+  std::atomic<bool> stopped{false};
+  Poll poll;
+  std::chrono::steady_clock::time_point next_poll;
+};
+
+// The CallStop of the call the current thread works for (the calling thread's is set by the
+// binding, the workers' by parallel_for for the length of their part), and whether the
+// current thread is the calling thread (the one that may poll).
+inline thread_local CallStop* t_call_stop = nullptr;
+inline thread_local bool t_is_caller = false;
+
+// Whether the current call should stop; on the calling thread, also polls when it is time.
+inline bool stop_requested() {
+  CallStop* stop = t_call_stop;
+  if (stop == nullptr) return false;
+  if (t_is_caller && stop->poll != nullptr && !stop->stopped.load(std::memory_order_relaxed)) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= stop->next_poll) {
+      stop->next_poll = now + CallStop::kPollInterval;
+      if (stop->poll()) stop->stopped.store(true, std::memory_order_relaxed);
+    }
+  }
+  return stop->stopped.load(std::memory_order_relaxed);
+}
+
 // Runs body(task, worker) for task in [0, num_tasks), worker in [0, team). Tasks are handed
 // out dynamically; which worker runs which task never affects results (see the top of this
 // file). No exception escapes the parallel region: the first one is captured, the remaining
-// tasks are skipped, and it is rethrown on the calling thread.
+// tasks are skipped, and it is rethrown on the calling thread. Once the call is asked to
+// stop (stop_requested), the remaining tasks are skipped too.
 template <class Body>
 void parallel_for(Index num_tasks, int team, Body&& body) {
   if (team <= 1 || num_tasks <= 1) {
-    for (Index task = 0; task < num_tasks; ++task) body(task, 0);
+    for (Index task = 0; task < num_tasks && !stop_requested(); ++task) body(task, 0);
     return;
   }
   threads::note_team_started();
+  CallStop* const call_stop = t_call_stop;
   std::exception_ptr error;
   std::atomic<bool> failed{false};
-#pragma omp parallel for num_threads(team) schedule(dynamic, 1)
-  for (Index task = 0; task < num_tasks; ++task) {
-    if (failed.load(std::memory_order_relaxed)) continue;
-    try {
-      body(task, worker_id());
-    } catch (...) {
+#pragma omp parallel num_threads(team)
+  {
+    // The encountering (calling) thread is thread 0 and keeps its own state.
+    const bool worker = worker_id() != 0;
+    if (worker) t_call_stop = call_stop;
+#pragma omp for schedule(dynamic, 1)
+    for (Index task = 0; task < num_tasks; ++task) {
+      if (failed.load(std::memory_order_relaxed) || stop_requested()) continue;
+      try {
+        body(task, worker_id());
+      } catch (...) {
 #pragma omp critical(linmaps_parallel_for_error)
-      {
-        if (!error) error = std::current_exception();
+        {
+          if (!error) error = std::current_exception();
+        }
+        failed.store(true, std::memory_order_relaxed);
       }
-      failed.store(true, std::memory_order_relaxed);
     }
+    if (worker) t_call_stop = nullptr;
   }
   if (error) std::rethrow_exception(error);
 }
@@ -253,15 +300,36 @@ constexpr int kSharedLhsSlot = 3;
 constexpr int kSecondSharedLhsSlot = 4;
 constexpr int kScratchSlots = 5;
 
+// What a thread keeps of one scratch slot between calls (trim_thread_scratch): the blocks of
+// the kernels stay far below this; only a shared packed operand of a very large weight
+// (PackedLhsProduct) goes above it, and that is freed when the call ends.
+constexpr Index kKeptScratchBytes = Index(16) << 20;
+
+template <class T>
+Buffer<T>* scratch_slots() {
+  thread_local Buffer<T> slots[kScratchSlots];
+  return slots;
+}
+
 template <class T>
 T* thread_scratch(int slot, Index elements) {
-  thread_local Buffer<T> scratch[kScratchSlots];
-  Buffer<T>& buffer = scratch[slot];
+  Buffer<T>& buffer = scratch_slots<T>()[slot];
   if (buffer.size() < elements) {
     buffer.resize(0);  // free first: never hold both the old and the new buffer
     buffer.resize(elements);
   }
   return buffer.data();
+}
+
+// Frees the calling thread's scratch slots larger than kKeptScratchBytes (run by the
+// binding layer after every call, on the calling thread, which holds the shared operands).
+inline void trim_thread_scratch() {
+  for (int slot = 0; slot < kScratchSlots; ++slot) {
+    Buffer<float>& f = scratch_slots<float>()[slot];
+    if (f.size() * Index(sizeof(float)) > kKeptScratchBytes) f.resize(0);
+    Buffer<double>& d = scratch_slots<double>()[slot];
+    if (d.size() * Index(sizeof(double)) > kKeptScratchBytes) d.resize(0);
+  }
 }
 
 // A block of `elements` per worker in slot `slot` (kBlockSlot or kSecondBlockSlot) of the

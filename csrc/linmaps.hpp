@@ -86,6 +86,44 @@ bool exact_array(py::handle h, py::ssize_t ndim) {
   return descr->type_num == py::detail::npy_format_descriptor<T>::value && descr->byteorder != '>';
 }
 
+// Python's main thread (set at import, bind_threads.cpp): the only thread Python runs signal
+// handlers in, so the only one whose calls poll for Ctrl-C.
+inline unsigned long g_main_thread_ident = 0;
+
+inline bool poll_python_signals() {
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
+
+// One kernel call from Python, around the GIL-free compute: lets the kernels stop early for a
+// KeyboardInterrupt (detail::CallStop; calls from the main thread only), and frees the
+// calling thread's oversized scratch afterwards (detail::trim_thread_scratch).
+class CallScope {
+ public:
+  CallScope()
+      : stop_(PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals
+                                                                 : nullptr) {
+    detail::t_call_stop = &stop_;
+    detail::t_is_caller = true;
+  }
+  ~CallScope() {
+    detail::t_call_stop = nullptr;
+    detail::t_is_caller = false;
+    detail::trim_thread_scratch();
+  }
+  CallScope(const CallScope&) = delete;
+  CallScope& operator=(const CallScope&) = delete;
+
+  // With the GIL held, after the compute: the pending exception (KeyboardInterrupt, or
+  // whatever a signal handler raised) if the call was stopped; the outputs are discarded.
+  void raise_if_stopped() const {
+    if (stop_.stopped.load(std::memory_order_relaxed)) throw py::error_already_set();
+  }
+
+ private:
+  detail::CallStop stop_;
+};
+
 // The threads for a kernel call of about `flops` floating-point operations. A call that will
 // use threads first gives the BLAS threads callback to any OpenBLAS loaded since the last
 // look (threads.cpp), so that a SciPy imported after linmaps shares the pool too.

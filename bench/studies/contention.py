@@ -1,0 +1,91 @@
+"""linmaps beside a busy process: throughput as a fraction of its speed on an idle machine.
+
+    python bench/studies/contention.py            # one child per libgomp spin setting
+    python bench/studies/contention.py --here     # this process's environment only
+
+For each shape, times the call (forward + backward, float32, all usable threads) on the idle
+machine, then with one single-threaded busy process (``while True: pass``) beside it, and
+prints t_idle / t_busy. With 2 threads on 2 cores a fair share of the machine gives about
+0.67 (three runnable threads share two cores). The children differ in GOMP_SPINCOUNT: 300000
+(libgomp's own default, linmaps before it set one), linmaps' default, and 0 (passive).
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SHAPES = [
+    ("bilinear", (32, 64, 64, 32)),
+    ("bilinear", (256, 64, 64, 64)),
+    ("bilinear", (1024, 128, 128, 64)),
+    ("linear", (256, 512, 512)),
+    ("linear", (4096, 1024, 1024)),
+]
+SETTINGS = {"libgomp default (300000)": "300000", "linmaps default": None, "passive (0)": "0"}
+
+
+def make_call(kind, shape):
+    import linmaps
+
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    if kind == "bilinear":
+        n, p, q, out = shape
+        x1, x2 = rng.standard_normal((n, p), dtype=f32), rng.standard_normal((n, q), dtype=f32)
+        a, g = rng.standard_normal((out, p, q), dtype=f32), rng.standard_normal((n, out), dtype=f32)
+        return lambda: (linmaps.bilinear(x1, x2, a), linmaps.bilinear_backward(g, x1, x2, a))
+    n, i, o = shape
+    x, w = rng.standard_normal((n, i), dtype=f32), rng.standard_normal((o, i), dtype=f32)
+    g = rng.standard_normal((n, o), dtype=f32)
+    return lambda: (linmaps.linear(x, w), linmaps.linear_backward(g, x, w))
+
+
+def median_s(fn, seconds=0.6):
+    fn()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def here():
+    for kind, shape in SHAPES:
+        call = make_call(kind, shape)
+        ratios = []
+        for _ in range(2):
+            time.sleep(0.3)
+            idle = median_s(call)
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(0.3)
+                loaded = median_s(call)
+            finally:
+                busy.kill()
+                busy.wait()
+            ratios.append(idle / loaded)
+        print(
+            f"  {kind} {str(shape):22s} idle {idle * 1e3:9.3f} ms  "
+            f"beside a busy process: {' '.join(f'{r:4.2f}' for r in ratios)} of idle speed",
+            flush=True,
+        )
+
+
+def main():
+    if "--here" in sys.argv:
+        here()
+        return
+    for name, value in SETTINGS.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        if value is not None:
+            env["GOMP_SPINCOUNT"] = value
+        print(f"{name}:", flush=True)
+        subprocess.run([sys.executable, __file__, "--here"], env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()

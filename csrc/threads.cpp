@@ -64,6 +64,8 @@ struct ProcessState {
   std::atomic<unsigned long long> loaded_objects_seen{0};
   std::mutex blas_mutex;
   std::vector<BlasLibrary> blas_libraries;
+  // Held while a parallel BLAS call runs on the pool: see linmaps_blas_threads.
+  std::mutex blas_call_mutex;
 };
 
 namespace {
@@ -155,6 +157,12 @@ void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs,
     job(0, jobs, job_arg);
     return;
   }
+  // OpenBLAS gives job i of every call the same per-index work buffer (its own server never
+  // runs two calls' jobs i at once: job i belongs to its worker thread i). Parallel calls
+  // from several threads therefore run one at a time, as they mostly do on OpenBLAS's own
+  // threads, which two calls cannot share either. Measured without this: wrong products
+  // from 4 Python threads multiplying at once.
+  std::lock_guard<std::mutex> one_call_at_a_time(g_state->blas_call_mutex);
   if (!full_team_guaranteed(num_jobs) || g_state->forked_child.load(std::memory_order_relaxed)) {
     run_jobs_on_new_threads(job, 1, num_jobs, job_size, jobs, job_arg, 0);
     return;
@@ -184,8 +192,9 @@ void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs,
 void after_fork_in_child() {
   if (g_state == nullptr || !g_state->team_started.load(std::memory_order_relaxed)) return;
   g_state->forked_child.store(true, std::memory_order_relaxed);
-  // No lock: the child has one thread, and the mutex may have been held by a thread that
+  // No lock: the child has one thread, and the mutexes may have been held by a thread that
   // does not exist here.
+  new (&g_state->blas_call_mutex) std::mutex();
   for (const auto& library : g_state->blas_libraries) library.set_callback(nullptr);
   new (&g_state->blas_mutex) std::mutex();
   g_state->blas_libraries.clear();

@@ -18,6 +18,7 @@ from ._backend import (
     get_num_threads,
     set_backend,
     set_num_threads,
+    share_blas_threads,
     use_backend,
 )
 from ._config import show_config
@@ -43,6 +44,7 @@ __all__ = [
     "linear_backward",
     "set_backend",
     "set_num_threads",
+    "share_blas_threads",
     "show_config",
     "use_backend",
 ]

@@ -16,6 +16,8 @@ import os
 import threading
 import warnings
 
+import numpy as np
+
 from . import _dispatch, _numpy_backend, _threads
 
 BACKENDS = ("cpp", "python")
@@ -62,7 +64,7 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "linmaps_backend", default=None
 )
 _lock = threading.Lock()
-_python_threads = os.cpu_count() or 1
+_python_threads = os.cpu_count() or 1  # only reported: the NumPy backend uses NumPy's pool
 
 
 def _check_name(name) -> str:
@@ -129,6 +131,68 @@ def set_num_threads(n: int) -> None:
         raise TypeError(f"set_num_threads(): n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"set_num_threads(): n must be at least 1, got {n}")
+    n = min(int(n), thread_cap())
     if _cpp_backend is not None:
-        _cpp_backend.set_num_threads(int(n))
-    _python_threads = int(n)
+        _cpp_backend.set_num_threads(n)
+    _python_threads = n
+
+
+def share_blas_threads(enable: bool = True) -> None:
+    """Run NumPy's BLAS on linmaps' threads (``True``, the default) or on its own (``False``).
+
+    With ``True``, every OpenBLAS in the process that supports it (0.3.27 and later: NumPy's
+    and SciPy's wheels) runs its parallel calls on linmaps' OpenMP threads, one job per
+    thread, so that NumPy products and linmaps calls do not fight over the cores. OpenBLAS
+    still chooses how many jobs and how to split the work: NumPy's results and thread count
+    are unchanged. ``False`` gives OpenBLAS its own threads back; call it when no other
+    thread is inside a NumPy product. ``LINMAPS_BLAS_THREADS=native`` in the environment
+    makes ``False`` the setting at import. ``show_config()`` tells which is in effect.
+    """
+    if not isinstance(enable, (bool, np.bool_)):
+        raise TypeError(f"share_blas_threads(): enable must be a bool, got {type(enable).__name__}")
+    _threads.set_shared(bool(enable))
+
+
+def thread_cap() -> int:
+    """The most threads linmaps ever uses: 4 per CPU this process may run on.
+
+    ``set_num_threads`` and ``OMP_NUM_THREADS`` above it are lowered to it: more threads than
+    that only add switching to compute-bound kernels, and thousands of them can exhaust the
+    process's thread limit.
+    """
+    if _cpp_backend is not None:
+        return int(_cpp_backend._core.thread_cap())
+    return _THREADS_PER_CPU * _usable_cpus()
+
+
+_THREADS_PER_CPU = 4
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_openmp_env() -> None:
+    """Warn once, at import, about an OMP_NUM_THREADS linmaps cannot follow."""
+    raw = os.environ.get("OMP_NUM_THREADS")
+    if raw is None:
+        return
+    first = raw.split(",")[0].strip()  # OpenMP allows a list, one count per nesting level
+    value = int(first) if first.isdigit() else 0
+    if value < 1:
+        why = "is not a positive integer"
+    elif value > thread_cap():
+        why = f"asks for more than the {thread_cap()} threads linmaps ever uses (4 per CPU)"
+    else:
+        return
+    warnings.warn(
+        f"linmaps: OMP_NUM_THREADS={raw!r} {why}; linmaps uses {get_num_threads()} threads",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+_check_openmp_env()

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _threads
 
 
 def _openmp_runtime() -> str:
@@ -57,6 +57,9 @@ def config() -> dict:
                 "available_isas": list(_backend._cpp_backend.available_isas),
                 "simd": core.simd,
                 "openmp": f"{core.openmp} ({_openmp_runtime()})",
+                "openmp_wait": _threads.wait_policy,
+                "thread_cap": int(core.thread_cap()),
+                "blas_threads": _threads.describe(),
             }
         )
     return info
@@ -64,6 +67,7 @@ def config() -> dict:
 
 def show_config() -> None:
     """Print versions (linmaps, NumPy, Eigen), compiler and flags, the instruction set selected
-    and those available, OpenMP runtime, thread count and backend."""
+    and those available, OpenMP runtime and its spin setting, thread count and cap, whose
+    threads NumPy's BLAS runs on, and the backend."""
     for key, value in config().items():
         print(f"{key:>20}: {value}")

@@ -1,0 +1,539 @@
+"""linmaps' threads inside real programs: idle CPU after a call, NumPy's BLAS on linmaps' pool,
+fork, Ctrl-C, absurd thread counts and what a thread keeps between calls.
+
+Most tests run a short script in a fresh interpreter (a clean process: no pytest threads, its
+own environment) with a timeout, so that a hang fails the test instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import linmaps
+
+pytestmark = pytest.mark.skipif(
+    "cpp" not in linmaps.available_backends(), reason="the compiled backend is not available"
+)
+
+TIMEOUT = 120
+
+
+def run_script(code: str, env: dict | None = None, timeout: float = TIMEOUT):
+    """Run `code` in a fresh interpreter; return its stdout (the test fails on error/hang)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GOMP_", "OMP_"))}
+    full_env.pop("LINMAPS_BLAS_THREADS", None)
+    full_env.update(env or {})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the script hung (no exit within {timeout} s): {exc.stdout!r}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+# ----------------------------------------------------------------------------- idle CPU
+
+IDLE_CPU = """
+    import resource, time
+    import numpy as np
+    import linmaps
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    x = np.ones((2000, 1000), np.float32)
+    w = np.ones((1000, 1000), np.float32)
+    for name, call in (("linmaps", lambda: linmaps.linear(x, w)), ("numpy", lambda: x @ w.T)):
+        burnt = []
+        for _ in range(3):
+            call()
+            start = cpu()
+            time.sleep(0.1)
+            burnt.append(cpu() - start)
+        print(name, min(burnt))
+"""
+
+
+def test_no_cpu_burnt_while_sleeping_after_a_call():
+    # After a call returns, neither linmaps' OpenMP threads nor NumPy's BLAS threads keep
+    # spinning: across a 100 ms sleep the process uses (almost) no CPU. Before linmaps set
+    # libgomp's spin and shared NumPy's BLAS pool this was ~10 ms after a linmaps call and
+    # ~100 ms after a NumPy product (OpenBLAS spins for about 0.1 s).
+    out = run_script(IDLE_CPU)
+    burnt = {name: float(value) for name, value in (line.split() for line in out.splitlines())}
+    assert burnt["linmaps"] < 0.005, burnt
+    assert burnt["numpy"] < 0.005, burnt
+
+
+def test_idle_cpu_check_fails_with_libgomps_own_spin():
+    # The test above can fail: with libgomp's default spin (GOMP_SPINCOUNT=300000, what
+    # linmaps ran with before) the threads keep spinning after a call.
+    out = run_script(IDLE_CPU, env={"GOMP_SPINCOUNT": "300000", "LINMAPS_BLAS_THREADS": "native"})
+    burnt = {name: float(value) for name, value in (line.split() for line in out.splitlines())}
+    assert burnt["numpy"] > 0.02, burnt
+
+
+# ----------------------------------------------------------------------------- BLAS pool
+
+NUMPY_PRODUCTS = """
+    import hashlib
+    import numpy as np
+    import linmaps
+    from linmaps import _cpp_backend as cb
+
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256()
+    before = cb._core.blas_calls()
+    for dtype in (np.float32, np.float64):
+        for n, k, m in ((512, 512, 512), (300, 1000, 200), (2000, 64, 700), (64, 64, 64)):
+            a = rng.standard_normal((n, k)).astype(dtype)
+            b = rng.standard_normal((k, m)).astype(dtype)
+            digest.update((a @ b).tobytes())
+            digest.update((a.T @ a).tobytes())
+            digest.update((a @ b[:, 0]).tobytes())
+    print(digest.hexdigest(), cb._core.blas_calls() - before, len(cb._core.blas_installed()))
+"""
+
+
+def test_numpy_results_unchanged_by_the_shared_pool():
+    shared_digest, shared_calls, shared_libs = run_script(NUMPY_PRODUCTS).split()
+    native_digest, native_calls, native_libs = run_script(
+        NUMPY_PRODUCTS, env={"LINMAPS_BLAS_THREADS": "native"}
+    ).split()
+    # NumPy's parallel products ran on linmaps' pool in one process and not in the other...
+    assert int(shared_libs) >= 1 and int(shared_calls) > 0
+    assert int(native_libs) == 0 and int(native_calls) == 0
+    # ... and computed the same bits.
+    assert shared_digest == native_digest
+
+
+def test_share_blas_threads_switches_and_shows_in_config():
+    out = run_script(
+        """
+        import numpy as np
+        import linmaps
+        from linmaps import _cpp_backend as cb
+        a = np.ones((600, 600), np.float32)
+        counts = []
+        for enable in (True, False, True):
+            linmaps.share_blas_threads(enable)
+            before = cb._core.blas_calls()
+            assert ((a @ a) == 600).all()
+            counts.append(cb._core.blas_calls() - before)
+            print(linmaps._config.config()["blas_threads"].split(" (")[0])
+        print(*counts)
+        try:
+            linmaps.share_blas_threads("yes")
+        except TypeError as exc:
+            print("TypeError", exc)
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0].startswith("shared with linmaps")
+    assert lines[1] == "OpenBLAS's own threads"
+    assert lines[2].startswith("shared with linmaps")
+    on, off, on_again = map(int, lines[3].split())
+    assert on > 0 and off == 0 and on_again > 0
+    assert lines[4].startswith("TypeError share_blas_threads(): enable must be a bool")
+
+
+def test_bad_blas_threads_variable_warns():
+    out = run_script(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import linmaps
+        print([str(w.message) for w in caught])
+        print(linmaps._config.config()["blas_threads"])
+        """,
+        env={"LINMAPS_BLAS_THREADS": "sometimes"},
+    )
+    assert "LINMAPS_BLAS_THREADS='sometimes' is neither 'shared' nor 'native'" in out
+    assert "shared with linmaps" in out
+
+
+def test_concurrent_numpy_and_linmaps_calls_from_threads():
+    # NumPy products from several Python threads at once, each on a team of linmaps' pool,
+    # beside linmaps calls: every result equals the one computed alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    jobs = [
+        (rng.standard_normal((400, 300), dtype=np.float32), rng.standard_normal((300, 500)))
+        for _ in range(6)
+    ]
+
+    def work(job):
+        a, b = job
+        b32 = b.astype(np.float32)
+        return a @ b32, (a.T @ a), linmaps.linear(a, b32.T), linmaps.bilinear(a, a, b32[None, :, :300])
+
+    serial = [work(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(work, jobs * 3))
+    for got, want in zip(concurrent, serial * 3):
+        for g, w in zip(got, want):
+            assert g.tobytes() == w.tobytes()
+
+
+def test_results_bitwise_identical_with_numpy_products_between_calls():
+    from linmaps import _cpp_backend as cb
+
+    rng = np.random.default_rng(9)
+    x1 = rng.standard_normal((300, 48), dtype=np.float32)
+    x2 = rng.standard_normal((300, 40), dtype=np.float32)
+    w = rng.standard_normal((24, 48, 40), dtype=np.float32)
+    g = rng.standard_normal((300, 24), dtype=np.float32)
+    big = rng.standard_normal((700, 700), dtype=np.float32)
+    setting = cb._core.get_thread_setting()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            cb.set_num_threads(threads)
+            out = []
+            for _ in range(3):
+                big @ big  # a parallel NumPy product on the same pool, between linmaps calls
+                out.append(linmaps.bilinear(x1, x2, w))
+                big @ big.T
+                out.extend(linmaps.bilinear_backward(g, x1, x2, w))
+                out.append(linmaps.linear(x1, w[:, :, 0]))
+            results[threads] = out
+    finally:
+        cb.set_num_threads(setting)
+    for threads in (2, 3):
+        for got, ref in zip(results[threads], results[1]):
+            assert got.tobytes() == ref.tobytes()
+
+
+# ----------------------------------------------------------------------------- fork
+
+FORK_SETUP = """
+    import os, threading, multiprocessing as mp
+    import numpy as np
+    import linmaps as lm
+
+    x = np.ones((2000, 1000), np.float32)
+    w = np.ones((1000, 1000), np.float32)
+    expected = float(1000)
+
+    def child_work(_=None):
+        y = lm.linear(x, w)
+        z = x @ w.T  # NumPy's BLAS in the child too
+        return float(y[0, 0]), float(y[-1, -1]), float(z[5, 5]), lm.get_num_threads()
+
+    lm.linear(x, w)  # the parent's OpenMP threads start
+"""
+
+
+def test_fork_child_computes_and_does_not_hang():
+    out = run_script(
+        FORK_SETUP
+        + """
+    pid = os.fork()
+    if pid == 0:
+        print("child", *child_work(), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+    print("parent", *child_work())
+    """,
+        timeout=60,
+    )
+    child = out.splitlines()[0].split()
+    assert child[:4] == ["child", "1000.0", "1000.0", "1000.0"]
+    assert child[4] == "1"  # a forked child of a process with OpenMP threads runs serially
+    parent = out.splitlines()[1].split()
+    assert parent[:4] == ["parent", "1000.0", "1000.0", "1000.0"]
+
+
+def test_multiprocessing_fork_pool_and_process():
+    out = run_script(
+        FORK_SETUP
+        + """
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2) as pool:
+        print(pool.map(child_work, range(4)))
+    queue = ctx.Queue()
+    proc = ctx.Process(target=lambda: queue.put(child_work()))
+    proc.start()
+    print(queue.get(timeout=50))
+    proc.join(50)
+    print("exitcode", proc.exitcode)
+    """,
+        timeout=90,
+    )
+    lines = out.splitlines()
+    assert lines[0].count("(1000.0, 1000.0, 1000.0, 1)") == 4
+    assert lines[1] == "(1000.0, 1000.0, 1000.0, 1)"
+    assert lines[2] == "exitcode 0"
+
+
+def test_fork_while_another_thread_is_inside_a_call():
+    out = run_script(
+        FORK_SETUP
+        + """
+    big = np.ones((20000, 1000), np.float32)
+    started = threading.Event()
+
+    def busy():
+        started.set()
+        for _ in range(5):
+            lm.linear(big, w)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    started.wait()
+    import time; time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:
+        print("child", *child_work(), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    thread.join()
+    print("status", status)
+    """,
+        timeout=90,
+    )
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["child", "1000.0", "1000.0", "1000.0"]
+    assert lines[1] == "status 0"
+
+
+def test_fork_before_any_threads_keeps_the_child_parallel():
+    out = run_script(
+        """
+        import os
+        import linmaps as lm
+        from linmaps import _cpp_backend as cb
+        cb.set_num_threads(2)
+        pid = os.fork()
+        if pid == 0:
+            print(lm.get_num_threads(), cb._core.team_size(), cb._core.in_forked_child(), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """,
+        timeout=60,
+    )
+    assert out.split() == ["2", "2", "False"]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+CTRL_C = """
+    import os, signal, threading, time
+    import numpy as np
+    import linmaps
+
+    rng = np.random.default_rng(0)
+    {setup}
+    start = time.perf_counter()
+    call()
+    alone = time.perf_counter() - start
+    scale = max(1, int(3.0 / alone))  # a call of about 3 s on this machine
+    {scale}
+    start = time.perf_counter()
+    call()
+    long_call = time.perf_counter() - start
+    delay = 0.3
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    start = time.perf_counter()
+    try:
+        call()
+        print("finished", long_call)
+    except KeyboardInterrupt:
+        print("interrupted", long_call, time.perf_counter() - start - delay)
+    {check}
+"""
+
+CTRL_C_CASES = {
+    "linear": (
+        "x = rng.standard_normal((2000, 1024), dtype=np.float32); "
+        "w = rng.standard_normal((1024, 1024), dtype=np.float32); "
+        "call = lambda: linmaps.linear(x, w)",
+        "x = np.tile(x, (scale, 1))",
+        "np.testing.assert_allclose(linmaps.linear(x[:50], w), x[:50] @ w.T, rtol=1e-4, atol=1e-3)",
+    ),
+    "linear_backward": (
+        "x = rng.standard_normal((2000, 512), dtype=np.float32); "
+        "w = rng.standard_normal((384, 512), dtype=np.float32); "
+        "g = rng.standard_normal((2000, 384), dtype=np.float32); "
+        "call = lambda: linmaps.linear_backward(g, x, w)",
+        "x = np.tile(x, (scale, 1)); g = np.tile(g, (scale, 1))",
+        "np.testing.assert_allclose(linmaps.linear_backward(g[:9], x[:9], w).grad_x, "
+        "g[:9] @ w, rtol=1e-4, atol=1e-3)",
+    ),
+    "bilinear_backward": (
+        "x1 = rng.standard_normal((512, 96), dtype=np.float32); "
+        "x2 = rng.standard_normal((512, 80), dtype=np.float32); "
+        "a = rng.standard_normal((64, 96, 80), dtype=np.float32); "
+        "g = rng.standard_normal((512, 64), dtype=np.float32); "
+        "call = lambda: linmaps.bilinear_backward(g, x1, x2, a)",
+        "x1 = np.tile(x1, (scale, 1)); x2 = np.tile(x2, (scale, 1)); g = np.tile(g, (scale, 1))",
+        "z = linmaps.bilinear(x1[:5], x2[:5], a); "
+        "np.testing.assert_allclose(z, np.einsum('ki,lij,kj->kl', x1[:5], a, x2[:5]), "
+        "rtol=1e-4, atol=1e-3)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CTRL_C_CASES))
+def test_ctrl_c_stops_a_long_call(name):
+    setup, scale, check = CTRL_C_CASES[name]
+    out = run_script(CTRL_C.format(setup=setup, scale=scale, check=check), timeout=180)
+    words = out.split()
+    assert words[0] == "interrupted", out
+    long_call, latency = float(words[1]), float(words[2])
+    assert long_call > 0.8
+    # KeyboardInterrupt within about 0.1 s of the signal (0.25 s allows for a loaded machine),
+    # far sooner than the call would have taken.
+    assert latency < 0.25, out
+
+
+def test_ctrl_c_leaves_the_process_usable_and_leaks_nothing():
+    out = run_script(
+        """
+        import os, signal, threading, time
+        import numpy as np
+        import linmaps
+
+        def rss_mib():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+
+        x = np.ones((40000, 1024), np.float32)
+        w = np.ones((1024, 1024), np.float32)
+        linmaps.linear(x[:4000], w)
+        base = rss_mib()
+        for _ in range(5):
+            threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            try:
+                linmaps.linear(x, w)
+            except KeyboardInterrupt:
+                pass
+            time.sleep(0.1)
+        print(rss_mib() - base)
+        y = linmaps.linear(x[:3000], w)
+        print(bool((y == 1024).all()))
+        """,
+        timeout=180,
+    )
+    growth, ok = out.split()
+    assert ok == "True"
+    assert float(growth) < 40  # no output or scratch left behind per interrupted call
+
+
+# ----------------------------------------------------------------------------- thread counts
+
+
+def test_set_num_threads_is_capped_and_validated():
+    from linmaps import _cpp_backend as cb
+
+    setting = cb._core.get_thread_setting()
+    cap = linmaps._backend.thread_cap()
+    try:
+        assert cap == 4 * len(os.sched_getaffinity(0))
+        for n in (100_000, 2**31, 2**70):
+            linmaps.set_num_threads(n)
+            assert linmaps.get_num_threads() == cap
+        assert cb._core.team_size() <= cap
+    finally:
+        cb.set_num_threads(setting)
+    with pytest.raises(ValueError, match="at least 1"):
+        linmaps.set_num_threads(0)
+    with pytest.raises(ValueError, match="at least 1"):
+        linmaps.set_num_threads(-3)
+    with pytest.raises(TypeError, match="must be an int"):
+        linmaps.set_num_threads(2.0)
+    with pytest.raises(TypeError, match="must be an int"):
+        linmaps.set_num_threads("4")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("999999", "asks for more than the"), ("abc", "is not a positive integer"), ("0", "is not")],
+)
+def test_absurd_omp_num_threads_warns_and_falls_back(value, message):
+    out = run_script(
+        """
+        import os, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import linmaps
+        import numpy as np
+        from linmaps import _cpp_backend as cb
+        print(len(caught), "|", caught[0].message if caught else "")
+        x = np.ones((4096, 512), np.float32)
+        linmaps.linear(x, np.ones((512, 512), np.float32))
+        print(linmaps.get_num_threads(), cb._core.team_size(), len(os.listdir("/proc/self/task")))
+        """,
+        env={"OMP_NUM_THREADS": value},
+    )
+    first, second = out.splitlines()[-2:]
+    count, text = first.split(" | ")
+    assert count == "1" and message in text
+    threads, team, tasks = map(int, second.split())
+    cap = 4 * len(os.sched_getaffinity(0))
+    assert 1 <= threads <= cap and team <= cap
+    assert tasks <= cap + 70  # linmaps' team plus the interpreter's and OpenBLAS's own threads
+
+
+# ----------------------------------------------------------------------------- kept memory
+
+KEPT_MEMORY = """
+    import threading
+    import numpy as np
+    import linmaps
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+
+    rng = np.random.default_rng(0)
+    {setup}
+    call()  # the first call: libraries, NumPy's caches
+    base = rss_mib()
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+        t.join()
+    call()
+    print(rss_mib() - base)
+"""
+
+KEPT_CASES = {
+    "linear_float32": "x = np.ones((256, 1024), np.float32); w = np.ones((100000, 1024), "
+    "np.float32); call = lambda: linmaps.linear(x, w)",
+    "linear_float64": "x = np.ones((256, 1024)); w = np.ones((60000, 1024)); "
+    "call = lambda: linmaps.linear(x, w)",
+    "linear_backward": "x = np.ones((300, 100000), np.float32); w = np.ones((512, 100000), "
+    "np.float32); g = np.ones((300, 512), np.float32); "
+    "call = lambda: linmaps.linear_backward(g, x, w)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT_CASES))
+def test_memory_kept_after_calls_is_bounded(name):
+    # Calls from four Python threads each; once their outputs are freed, the process keeps no
+    # more than the kept scratch (16 MiB per slot of a calling thread), whatever the shapes:
+    # not the packed copy of a 400 MB weight per thread.
+    growth = float(run_script(KEPT_MEMORY.format(setup=KEPT_CASES[name]), timeout=180))
+    assert growth < 64, growth

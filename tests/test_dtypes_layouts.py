@@ -223,3 +223,36 @@ def test_results_do_not_depend_on_memory_alignment(backend, dtype, shape):
         keep_alive.append(np.empty(trial % 7 + 1, dtype))
         for got, want in zip(results(trial % 8), aligned):
             np.testing.assert_array_equal(got, want)
+
+
+def all_four(x1, x2, w, b, g, wl, gl):
+    """Every public function's results on one set of arguments, as a flat list."""
+    return [
+        linmaps.bilinear(x1, x2, w, b),
+        *linmaps.bilinear_backward(g, x1, x2, w),
+        linmaps.linear(x1, wl, b),
+        *linmaps.linear_backward(gl, x1, wl),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_any_byte_order_gives_native_results(backend, dtype):
+    # Arrays in the other byte order (big-endian on x86, e.g. read from a file written on
+    # another machine) are computed in native order: the same values as native arrays, bit
+    # for bit, in the native dtype.
+    x1, x2, w, b = (a.astype(dtype) for a in bilinear_args(5, 4, 3, 2))
+    g = rng.standard_normal((5, 2)).astype(dtype)
+    wl, gl = w[:, :, 0].copy(), g.copy()
+    native = [x1, x2, w, b, g, wl, gl]
+    swapped = [a.astype(a.dtype.newbyteorder("S")) for a in native]
+    assert all(not a.dtype.isnative for a in swapped)
+    expected = all_four(*native)
+    assert all(e.dtype == np.dtype(dtype) for e in expected)
+    # All swapped, and swapped mixed with native arguments.
+    mixed = [s if i % 2 else a for i, (a, s) in enumerate(zip(native, swapped))]
+    for args in (swapped, mixed):
+        for got, want in zip(all_four(*args), expected):
+            assert got.dtype == np.dtype(dtype) and got.dtype.isnative, got.dtype
+            np.testing.assert_array_equal(got, want)
+    for a, s in zip(native, swapped):  # the inputs were not byte-swapped in place
+        np.testing.assert_array_equal(s, a)

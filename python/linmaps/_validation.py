@@ -31,16 +31,21 @@ def as_array(fname: str, name: str, value) -> np.ndarray:
 
 
 def result_dtype(*arrays: np.ndarray) -> np.dtype:
-    """The dtype of the results: NumPy promotion, with bool and integer inputs as float64."""
+    """The dtype of the results: NumPy promotion, with bool and integer inputs as float64.
+
+    Always in native byte order: a big-endian ``>f8`` input gives a native float64 result,
+    and the backends compute in native order (the arrays are converted on the way in).
+    """
     first = arrays[0].dtype
     for a in arrays:
         if a.dtype != first:
             break
     else:
         if first.kind == "f":  # the common case, all one float dtype: no promotion needed
-            return first
+            return first if first.isnative else first.newbyteorder("=")
     dtypes = [np.dtype(np.float64) if a.dtype.kind in "biu" else a.dtype for a in arrays]
-    return np.result_type(*dtypes)
+    result = np.result_type(*dtypes)
+    return result if result.isnative else result.newbyteorder("=")
 
 
 def compute_dtype(result: np.dtype) -> np.dtype:

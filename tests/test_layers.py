@@ -395,6 +395,30 @@ def test_assigning_parameters_copies_and_casts(dtype):
     assert no_bias.bias is None
 
 
+@pytest.mark.parametrize("errors", ["default", "raise"])
+def test_conversions_to_the_layer_dtype_round_silently(backend, errors):
+    # A float64 value beyond float32's range becomes inf in a float32 layer (and a tiny one
+    # 0), as float32 arithmetic overflows: no NumPy cast warning (an error under pytest) and no
+    # FloatingPointError, whatever numpy.errstate says.
+    big, tiny = 1e300, 1e-300
+    layer, same = Linear(2, 2, seed=0), Linear(2, 2, seed=0)
+    with np.errstate(all="raise") if errors == "raise" else np.errstate():
+        y = layer(np.array([[big, 1.0]]))
+        grad_x = layer.backward(np.array([[big, tiny]]))
+        layer.load_state_dict({"weight": [[big, 0.0], [tiny, 1.0]], "bias": [0.0, 0.0]})
+        layer.bias = np.array([-big, tiny])
+    # The same layer fed the float32 values those round to gives the same results.
+    y_same = same(np.array([[np.inf, 1.0]], np.float32))
+    grad_x_same = same.backward(np.array([[np.inf, 0.0]], np.float32))
+    assert y.dtype == grad_x.dtype == np.float32
+    assert np.isinf(y).all() and np.isinf(grad_x).any()
+    np.testing.assert_array_equal(y, y_same)
+    np.testing.assert_array_equal(grad_x, grad_x_same)
+    np.testing.assert_array_equal(layer.grad_weight, same.grad_weight)
+    np.testing.assert_array_equal(layer.weight, [[np.inf, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(layer.bias, [-np.inf, 0.0])
+
+
 def test_assigning_parameters_rejects_bad_values():
     layer = Bilinear(3, 2, 4, seed=0)
     with pytest.raises(ValueError, match=r"got \(4, 3\) but expected \(4, 3, 2\)"):

@@ -186,7 +186,7 @@ class _Layer:
         )
         # Copy into the existing array, as torch's load_state_dict does: references that an
         # optimiser took from parameters() stay valid.
-        np.copyto(target, array, casting="same_kind")
+        v.copy_into(target, array)
 
     # -- freezing ------------------------------------------------------------------------------
 
@@ -329,7 +329,7 @@ class _Layer:
             if name in keys
         }
         for name, value in values.items():
-            np.copyto(self._params[name], value, casting="same_kind")
+            v.copy_into(self._params[name], value)
         return IncompatibleKeys(missing, unexpected)
 
     def save(self, path) -> None:
@@ -376,7 +376,7 @@ class _Layer:
     def _converted(self, array: np.ndarray, keep: bool) -> np.ndarray:
         """``array`` C-contiguous in the layer's dtype; never sharing memory with ``array`` when
         it is kept for backward (``keep``) and ``copy_inputs`` is on."""
-        converted = np.ascontiguousarray(array, dtype=self._dtype)
+        converted = v.contiguous(array, self._dtype)
         # A conversion that had to copy already gives a private array; otherwise copy once, so
         # a caller who modifies the input in place afterwards cannot corrupt the backward pass.
         if keep and self._copy_inputs and np.may_share_memory(converted, array):
@@ -390,7 +390,7 @@ class _Layer:
                 f"{where}(): grad_out shape does not match the output of the last "
                 f"forward: got {array.shape} but expected {expected_shape}"
             )
-        return np.ascontiguousarray(array, dtype=self._dtype)
+        return v.contiguous(array, self._dtype)
 
     def _saved_inputs(self, where: str) -> tuple:
         if self._saved is None:

@@ -54,8 +54,25 @@ def compute_dtype(result: np.dtype) -> np.dtype:
 
 
 def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """C-contiguous ``array`` in ``dtype``; copies only when layout or dtype require it."""
-    return np.ascontiguousarray(array, dtype=dtype)
+    """C-contiguous ``array`` in ``dtype``; copies only when layout or dtype require it.
+
+    Every conversion linmaps makes goes through here (or ``copy_into``). A narrowing one (a
+    float32 result to float16, a float64 input to a float32 layer) rounds as IEEE 754 says,
+    silently, like float32 and float64 arithmetic: out-of-range values become +-inf and tiny
+    ones subnormal or zero. NumPy's cast would instead warn, or raise ``FloatingPointError``
+    under ``numpy.errstate(all="raise")``. Byte order is converted to ``dtype``'s too.
+    """
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    with np.errstate(all="ignore"):
+        return np.ascontiguousarray(array, dtype=dtype)
+
+
+def copy_into(target: np.ndarray, value: np.ndarray) -> None:
+    """``target[...] = value`` cast to ``target``'s dtype as IEEE says, silently (see
+    ``contiguous``)."""
+    with np.errstate(all="ignore"):
+        np.copyto(target, value, casting="same_kind")
 
 
 def check_at_least_1d(fname: str, name: str, array: np.ndarray) -> None:

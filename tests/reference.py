@@ -1,4 +1,6 @@
-"""Independent answers for the tests: the spec's elementwise sums, evaluated literally.
+"""Independent answers for the tests: the spec's elementwise sums, evaluated literally with
+``numpy.einsum`` in float64 (and, for inputs with infinities, in the documented grouping:
+``bilinear_grouped``, ``bilinear_grads_grouped``).
 
 Each function returns ``(value, magnitude)`` where ``magnitude`` is the same sum taken over
 the absolute values of the terms. A computed result may differ from the exact one by at most
@@ -22,9 +24,22 @@ def einsum2(subscripts, *operands):
 
 
 def _einsum2(subscripts, operands):
-    value = np.einsum(subscripts, *operands, optimize=False)
-    magnitude = np.einsum(subscripts, *[np.abs(o) for o in operands], optimize=False)
+    value = ein(subscripts, *operands)
+    magnitude = ein(subscripts, *[np.abs(o) for o in operands])
     return value, magnitude
+
+
+def ein(subscripts, *operands):
+    """``numpy.einsum`` term by term (no reordering into BLAS calls).
+
+    Every term takes one entry of each operand, so with an empty operand the result is either
+    empty or all empty sums, i.e. zero. NumPy 2.4's einsum does not always write empty sums:
+    the result then holds whatever the memory held (seen as NaN), so they are zeroed here.
+    """
+    result = np.einsum(subscripts, *operands, optimize=False)
+    if any(np.size(o) == 0 for o in operands):
+        result = np.zeros_like(result)
+    return result
 
 
 def linear(x, weight, bias=None):
@@ -33,7 +48,8 @@ def linear(x, weight, bias=None):
     lead = x.shape[:-1]
     y, mag = einsum2("ki,ji->kj", x.reshape(int(np.prod(lead)), x.shape[-1]), weight)
     if bias is not None:
-        y, mag = y + bias, mag + np.abs(np.asarray(bias, np.float64))
+        with np.errstate(all="ignore"):  # inf + -inf is a legitimate NaN here
+            y, mag = y + bias, mag + np.abs(np.asarray(bias, np.float64))
     shape = lead + (weight.shape[0],)
     return y.reshape(shape), mag.reshape(shape)
 
@@ -62,7 +78,8 @@ def bilinear(x1, x2, weight, bias=None):
     z, mag = einsum2("ki,lij,kj->kl", a, w3, b)
     if bias is not None:
         bias = np.asarray(bias, np.float64).reshape(w3.shape[0])
-        z, mag = z + bias, mag + np.abs(bias)
+        with np.errstate(all="ignore"):  # inf + -inf is a legitimate NaN here
+            z, mag = z + bias, mag + np.abs(bias)
     shape = np.shape(x1)[:-1] + np.shape(weight)[:-2]
     return z.reshape(shape), mag.reshape(shape)
 
@@ -76,6 +93,57 @@ def bilinear_grads(grad_out, x1, x2, weight):
     gb = einsum2("kl->l", g)
     reshape = [np.shape(x1), np.shape(x2), np.shape(weight), np.shape(weight)[:-2]]
     return tuple((v.reshape(s), m.reshape(s)) for (v, m), s in zip((gx1, gx2, gw, gb), reshape))
+
+
+def _grouped(compute, *operands):
+    """``(value, magnitude)`` of ``compute(*operands)``; the magnitude is the same computation
+    on ``|operands|``, which is the sum of ``|terms|`` of every entry."""
+    with np.errstate(all="ignore"):
+        return compute(*operands), compute(*[np.abs(o) for o in operands])
+
+
+def _wider_first(x1, x2, w3):
+    """The documented grouping rule: ``P`` is the wider input (``x2`` only when ``in2 > in1``),
+    ``Q`` the other, and the weight as ``(L, p, q)``."""
+    if w3.shape[2] > w3.shape[1]:
+        return True, x2, x1, w3.transpose(0, 2, 1)
+    return False, x1, x2, w3
+
+
+def bilinear_grouped(x1, x2, weight, bias=None):
+    """The forward as ``docs/derivation.md`` groups it: ``T = P A'`` over the wider input's
+    features first, then ``z[k, l] = sum_j T[k, l, j] Q[k, j]``.
+
+    Equal to :func:`bilinear` up to rounding for finite inputs; with infinities the grouping
+    decides between NaN and Inf (``inf * 0`` inside ``T`` or outside it), and this is the
+    answer both backends must give.
+    """
+    a, b, w3 = _bilinear_operands(x1, x2, weight)
+    _, p, q, wpq = _wider_first(a, b, w3)
+    z, mag = _grouped(lambda p, w, q: ein("klj,kj->kl", ein("ki,lij->klj", p, w), q), p, wpq, q)
+    if bias is not None:
+        bias = np.asarray(bias, np.float64).reshape(w3.shape[0])
+        with np.errstate(all="ignore"):  # inf + -inf is a legitimate NaN here
+            z, mag = z + bias, mag + np.abs(bias)
+    shape = np.shape(x1)[:-1] + np.shape(weight)[:-2]
+    return z.reshape(shape), mag.reshape(shape)
+
+
+def bilinear_grads_grouped(grad_out, x1, x2, weight):
+    """The gradients as ``docs/derivation.md`` groups them, with ``W[k, l, j] = g[k, l] Q[k, j]``:
+    ``dP = sum_{l,j} W A'``, ``dQ = sum_l g T`` and ``dA' = sum_k P W``."""
+    a, b, w3 = _bilinear_operands(x1, x2, weight)
+    g = np.asarray(grad_out, np.float64).reshape(a.shape[0], w3.shape[0])
+    swapped, p, q, wpq = _wider_first(a, b, w3)
+    dp = _grouped(lambda g, q, w: ein("klj,lij->ki", ein("kl,kj->klj", g, q), w), g, q, wpq)
+    dq = _grouped(lambda g, p, w: ein("kl,klj->kj", g, ein("ki,lij->klj", p, w)), g, p, wpq)
+    dw = _grouped(lambda p, g, q: ein("ki,klj->lij", p, ein("kl,kj->klj", g, q)), p, g, q)
+    if swapped:
+        dp, dq = dq, dp
+        dw = tuple(d.transpose(0, 2, 1) for d in dw)
+    gb = _grouped(lambda g: ein("kl->l", g), g)
+    reshape = [np.shape(x1), np.shape(x2), np.shape(weight), np.shape(weight)[:-2]]
+    return tuple((v.reshape(s), m.reshape(s)) for (v, m), s in zip((dp, dq, dw, gb), reshape))
 
 
 def assert_close(actual, expected, terms: int, compute_dtype, result_dtype=None):
@@ -101,6 +169,8 @@ def assert_close(actual, expected, terms: int, compute_dtype, result_dtype=None)
     bound = (terms + 2) * (eps * magnitude[finite] + tiny)
     if result_dtype is not None and np.dtype(result_dtype) != np.dtype(compute_dtype):
         bound = bound + np.finfo(result_dtype).eps * np.abs(value[finite])  # final rounding
+    # A NaN bound (a magnitude with inf * 0 where the value is finite) would pass anything.
+    assert not np.isnan(bound).any(), "the oracle's magnitude is NaN at a finite value"
     err = np.abs(a[finite] - value[finite])
     bad = err > bound
     assert not bad.any(), (

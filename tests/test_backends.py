@@ -175,6 +175,9 @@ def test_public_names():
         "BilinearGrads",
         "show_config",
         "available_backends",
+        "Linear",
+        "Bilinear",
+        "LoadError",
     }
     assert expected <= set(linmaps.__all__)
     for name in linmaps.__all__:

@@ -223,3 +223,63 @@ def test_results_do_not_depend_on_memory_alignment(backend, dtype, shape):
         keep_alive.append(np.empty(trial % 7 + 1, dtype))
         for got, want in zip(results(trial % 8), aligned):
             np.testing.assert_array_equal(got, want)
+
+
+def all_four(x1, x2, w, b, g, wl, gl):
+    """Every public function's results on one set of arguments, as a flat list."""
+    return [
+        linmaps.bilinear(x1, x2, w, b),
+        *linmaps.bilinear_backward(g, x1, x2, w),
+        linmaps.linear(x1, wl, b),
+        *linmaps.linear_backward(gl, x1, wl),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_any_byte_order_gives_native_results(backend, dtype):
+    # Arrays in the other byte order (big-endian on x86, e.g. read from a file written on
+    # another machine) are computed in native order: the same values as native arrays, bit
+    # for bit, in the native dtype.
+    x1, x2, w, b = (a.astype(dtype) for a in bilinear_args(5, 4, 3, 2))
+    g = rng.standard_normal((5, 2)).astype(dtype)
+    wl, gl = w[:, :, 0].copy(), g.copy()
+    native = [x1, x2, w, b, g, wl, gl]
+    swapped = [a.astype(a.dtype.newbyteorder("S")) for a in native]
+    assert all(not a.dtype.isnative for a in swapped)
+    expected = all_four(*native)
+    assert all(e.dtype == np.dtype(dtype) for e in expected)
+    # All swapped, and swapped mixed with native arguments.
+    mixed = [s if i % 2 else a for i, (a, s) in enumerate(zip(native, swapped))]
+    for args in (swapped, mixed):
+        for got, want in zip(all_four(*args), expected):
+            assert got.dtype == np.dtype(dtype) and got.dtype.isnative, got.dtype
+            np.testing.assert_array_equal(got, want)
+    for a, s in zip(native, swapped):  # the inputs were not byte-swapped in place
+        np.testing.assert_array_equal(s, a)
+
+
+@pytest.mark.parametrize("errors", ["default", "raise"])
+def test_float16_results_out_of_range_are_inf_without_a_warning(backend, errors):
+    # float16 is computed in float32 and rounded once; that rounding overflows to inf (and
+    # underflows to zero) silently, as float32 and float64 arithmetic does, under any
+    # numpy.errstate. (pytest turns a warning into an error here: pyproject.toml.)
+    big, tiny = 256.0, 2.0**-13  # 256**2 = 65536 rounds to inf; (2**-13)**2 = 2**-26 to 0
+    x1 = np.array([[big, 0.0], [tiny, 0.0]], np.float16)
+    x2 = np.array([[1.0, 0.0], [1.0, 0.0]], np.float16)
+    wl = np.array([[big, 0.0], [-big, 0.0]], np.float16)
+    args = [x1, x2, np.stack([wl, wl]), np.zeros(2, np.float16), x1, wl, x1]
+    with np.errstate(all="raise") if errors == "raise" else np.errstate():
+        results = all_four(*args)
+        y_tiny = linmaps.linear(x1, wl * np.float16(tiny / big))
+    np.testing.assert_array_equal(results[5][0], [np.inf, -np.inf])  # linear: x1[0] @ wl.T
+    np.testing.assert_array_equal(y_tiny[1], [0.0, -0.0])
+    # Every result is the float32 computation rounded to float16: inf of the right sign
+    # beyond float16's range, the rounded float32 value elsewhere.
+    with np.errstate(all="ignore"):
+        expected = [r.astype(np.float16) for r in all_four(*[a.astype(np.float32) for a in args])]
+    for got, want in zip(results, expected):
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, want)
+    # Each function overflowed somewhere (only the bias gradients are in range).
+    overflowed = [bool(np.isinf(r).any()) for r in results]
+    assert overflowed == [True, True, True, True, False, True, True, True, False]

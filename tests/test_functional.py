@@ -14,44 +14,53 @@ import reference as ref
 dims = st.integers(0, 5)
 lead_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=2).map(tuple)
 values = st.floats(-4, 4, allow_nan=False, width=64)
+# Zeros, infinities and NaN among finite values: where inf * 0 lands decides NaN or Inf. The
+# finite values are multiples of 1/4 in [-2, 2], so every product and sum of the tests' sizes
+# is exact in float32 and float64 alike: whether an intermediate is exactly zero (NaN after
+# a product with inf, or inf if it were a tiny nonzero) then depends on neither the dtype nor
+# the summation order, only on the grouping.
+exact = st.integers(-8, 8).map(lambda i: i / 4)
+with_specials = st.one_of(exact, st.sampled_from([0.0, np.inf, -np.inf, np.nan]))
+VALUES = {"finite": values, "specials": with_specials}
 hyp = settings(max_examples=40, deadline=None)
 
 
-def arrays(shape, dtype=np.float64):
-    return hnp.arrays(np.float64, shape, elements=values).map(lambda a: a.astype(dtype))
+def arrays(shape, dtype=np.float64, elements=values):
+    return hnp.arrays(np.float64, shape, elements=elements).map(lambda a: a.astype(dtype))
 
 
 @st.composite
-def linear_case(draw, dtype=np.float64):
+def linear_case(draw, dtype=np.float64, elements=values):
     lead, n_in, n_out = draw(lead_shapes), draw(dims), draw(dims)
     with_bias = draw(st.booleans())
     return (
-        draw(arrays(lead + (n_in,), dtype)),
-        draw(arrays((n_out, n_in), dtype)),
-        draw(arrays((n_out,), dtype)) if with_bias else None,
-        draw(arrays(lead + (n_out,), dtype)),
+        draw(arrays(lead + (n_in,), dtype, elements)),
+        draw(arrays((n_out, n_in), dtype, elements)),
+        draw(arrays((n_out,), dtype, elements)) if with_bias else None,
+        draw(arrays(lead + (n_out,), dtype, elements)),
     )
 
 
 @st.composite
-def bilinear_case(draw, dtype=np.float64):
+def bilinear_case(draw, dtype=np.float64, elements=values):
     lead, n1, n2 = draw(lead_shapes), draw(dims), draw(dims)
     form = draw(st.booleans())  # a 2-D weight: the single bilinear form of spec section 3
     out_shape = () if form else (draw(dims),)
     with_bias = draw(st.booleans())
     return (
-        draw(arrays(lead + (n1,), dtype)),
-        draw(arrays(lead + (n2,), dtype)),
-        draw(arrays(out_shape + (n1, n2), dtype)),
-        draw(arrays(out_shape, dtype)) if with_bias else None,
-        draw(arrays(lead + out_shape, dtype)),
+        draw(arrays(lead + (n1,), dtype, elements)),
+        draw(arrays(lead + (n2,), dtype, elements)),
+        draw(arrays(out_shape + (n1, n2), dtype, elements)),
+        draw(arrays(out_shape, dtype, elements)) if with_bias else None,
+        draw(arrays(lead + out_shape, dtype, elements)),
     )
 
 
+@pytest.mark.parametrize("values", list(VALUES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_linear_matches_spec_sums(backend, dtype):
+def test_linear_matches_spec_sums(backend, dtype, values):
     @hyp
-    @given(linear_case(dtype))
+    @given(linear_case(dtype, VALUES[values]))
     def check(case):
         x, w, b, g = case
         n_out, n_in = w.shape
@@ -70,19 +79,26 @@ def test_linear_matches_spec_sums(backend, dtype):
     check()
 
 
+@pytest.mark.parametrize("values", list(VALUES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_bilinear_matches_spec_sums(backend, dtype):
+def test_bilinear_matches_spec_sums(backend, dtype, values):
+    # With infinities the result follows the documented grouping (the wider input's features
+    # summed first), not the literal triple sum: there the oracle evaluates the same sums in
+    # that grouping. For finite values the two differ only by rounding.
+    forward = ref.bilinear if values == "finite" else ref.bilinear_grouped
+    backward = ref.bilinear_grads if values == "finite" else ref.bilinear_grads_grouped
+
     @hyp
-    @given(bilinear_case(dtype))
+    @given(bilinear_case(dtype, VALUES[values]))
     def check(case):
         x1, x2, w, b, g = case
         n1, n2 = w.shape[-2:]
         n_out = w.shape[0] if w.ndim == 3 else 1
         n = int(np.prod(x1.shape[:-1]))
         z = linmaps.bilinear(x1, x2, w, b)
-        ref.assert_close(z, ref.bilinear(x1, x2, w, b), n1 * n2 + 1, dtype, dtype)
+        ref.assert_close(z, forward(x1, x2, w, b), n1 * n2 + 1, dtype, dtype)
         grads = linmaps.bilinear_backward(g, x1, x2, w, bias=b is not None)
-        exp = ref.bilinear_grads(g, x1, x2, w)
+        exp = backward(g, x1, x2, w)
         ref.assert_close(grads.grad_x1, exp[0], n_out * n2, dtype, dtype)
         ref.assert_close(grads.grad_x2, exp[1], n_out * n1, dtype, dtype)
         ref.assert_close(grads.grad_weight, exp[2], n, dtype, dtype)
@@ -92,6 +108,44 @@ def test_bilinear_matches_spec_sums(backend, dtype):
             ref.assert_close(grads.grad_bias, exp[3], n, dtype, dtype)
 
     check()
+
+
+inf, nan = np.inf, np.nan
+# (x1, x2, weight, grad_out, {output: value derived by hand}). The documented grouping
+# (docs/derivation.md): P is the wider input (x2 only when in2 > in1), Q the other;
+# T = P A' sums over P's features first, then z = rowdot(T, Q), dQ = sum_l g T, dP = (g Q) A'.
+GROUPING_CASES = {
+    # The issue's example. x2 is wider: T = [inf+1+1, inf+1+1], z = inf*0 + inf*1 = NaN
+    # (x1 first would give T = [1, 1, 1] and z = inf).
+    "issue": ([[0.0, 1.0]], [[inf, 1.0, 1.0]], np.ones((1, 2, 3)), [[1.0]], {"z": nan}),
+    # x2 is wider: T = 1*0 + 1*1 = 1 and z = 1 * inf = inf. The literal triple sum has the
+    # term inf*0*1 = NaN, and so has x1 first (T = [inf*0, inf*1]).
+    "x2 wider, forward": ([[inf]], [[1.0, 1.0]], [[[0.0, 1.0]]], [[1.0]], {"z": inf}),
+    # x2 is wider: grad_x1 = dQ = g T = inf * (1*1 + 1*0) = inf. Literally, and with the
+    # other grouping ((g x2) A' = inf*1 + inf*0), it is NaN.
+    "x2 wider, grad_x1": ([[1.0]], [[1.0, 1.0]], [[[1.0, 0.0]]], [[inf]], {"grad_x1": inf}),
+    # x1 is wider: grad_x2 = dQ = g T = inf * (1*1 + 1*0) = inf; literally NaN.
+    "x1 wider, grad_x2": ([[1.0, 1.0]], [[1.0]], [[[1.0], [0.0]]], [[inf]], {"grad_x2": inf}),
+    # Equal widths: P = x1. T = x1 A = [1*0 + 1*1, 1*1 + 1*1] = [1, 2], z = 1*inf + 2*1 = inf;
+    # literally 1*0*inf = NaN, and x2 first gives A x2 = [0*inf + 1, inf + 1] and NaN.
+    "equal widths": ([[1.0, 1.0]], [[inf, 1.0]], [[[0.0, 1.0], [1.0, 1.0]]], [[1.0]], {"z": inf}),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPING_CASES))
+def test_infinities_follow_the_documented_grouping(backend, case):
+    *arrays_, by_hand = GROUPING_CASES[case]
+    x1, x2, w, g = (np.asarray(a, np.float64) for a in arrays_)
+    z = linmaps.bilinear(x1, x2, w)
+    grads = linmaps.bilinear_backward(g, x1, x2, w)
+    got = {"z": z, **grads._asdict()}
+    for name, value in by_hand.items():
+        np.testing.assert_array_equal(got[name], np.full(got[name].shape, value), err_msg=name)
+    # Every output, in every entry, as the grouped oracle says (NaN and Inf exactly).
+    ref.assert_close(z, ref.bilinear_grouped(x1, x2, w), w.shape[1] * w.shape[2], np.float64)
+    exp = ref.bilinear_grads_grouped(g, x1, x2, w)
+    for got_grad, want in zip(grads, exp):
+        ref.assert_close(got_grad, want, 8, np.float64)
 
 
 def central_difference(loss, arrays, index, h):

@@ -2,13 +2,18 @@
 API and the einsum oracle, gradient accumulation, freezing, state dicts, initialisation, every
 error case, and the training example."""
 
+import io
 import os
+import re
 import runpy
 import subprocess
 import sys
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
+from numpy.lib import format as npy_format
 
 import linmaps
 from linmaps import Bilinear, Linear
@@ -395,6 +400,30 @@ def test_assigning_parameters_copies_and_casts(dtype):
     assert no_bias.bias is None
 
 
+@pytest.mark.parametrize("errors", ["default", "raise"])
+def test_conversions_to_the_layer_dtype_round_silently(backend, errors):
+    # A float64 value beyond float32's range becomes inf in a float32 layer (and a tiny one
+    # 0), as float32 arithmetic overflows: no NumPy cast warning (an error under pytest) and no
+    # FloatingPointError, whatever numpy.errstate says.
+    big, tiny = 1e300, 1e-300
+    layer, same = Linear(2, 2, seed=0), Linear(2, 2, seed=0)
+    with np.errstate(all="raise") if errors == "raise" else np.errstate():
+        y = layer(np.array([[big, 1.0]]))
+        grad_x = layer.backward(np.array([[big, tiny]]))
+        layer.load_state_dict({"weight": [[big, 0.0], [tiny, 1.0]], "bias": [0.0, 0.0]})
+        layer.bias = np.array([-big, tiny])
+    # The same layer fed the float32 values those round to gives the same results.
+    y_same = same(np.array([[np.inf, 1.0]], np.float32))
+    grad_x_same = same.backward(np.array([[np.inf, 0.0]], np.float32))
+    assert y.dtype == grad_x.dtype == np.float32
+    assert np.isinf(y).all() and np.isinf(grad_x).any()
+    np.testing.assert_array_equal(y, y_same)
+    np.testing.assert_array_equal(grad_x, grad_x_same)
+    np.testing.assert_array_equal(layer.grad_weight, same.grad_weight)
+    np.testing.assert_array_equal(layer.weight, [[np.inf, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(layer.bias, [-np.inf, 0.0])
+
+
 def test_assigning_parameters_rejects_bad_values():
     layer = Bilinear(3, 2, 4, seed=0)
     with pytest.raises(ValueError, match=r"got \(4, 3\) but expected \(4, 3, 2\)"):
@@ -505,6 +534,234 @@ def test_load_state_dict_errors(tmp_path):
     Bilinear(2, 2, 2, bias=False).save(tmp_path / "no_bias.npz")
     with pytest.raises(ValueError, match="missing key"):
         Bilinear(2, 2, 2).load(tmp_path / "no_bias.npz")
+
+
+# ----------------------------------------------------------------------------- loading files
+
+
+def npy_bytes(array) -> bytes:
+    """``array`` as the bytes of a .npy file (objects pickled, as only a hostile file would)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def write_zip(path, members: dict, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def good_members(weight=None, bias=None) -> dict:
+    """The members of a valid archive for a Linear(4, 3), with ``weight``/``bias`` replaced."""
+    weight = np.ones((3, 4)) if weight is None else weight
+    bias = np.ones(3) if bias is None else bias
+    return {"weight.npy": npy_bytes(weight), "bias.npy": npy_bytes(bias)}
+
+
+def with_flipped_byte(path, offset_in_member: int, member: str = "weight.npy"):
+    """Flip one byte of ``member``'s stored (possibly compressed) data in place."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(path.read_bytes())
+    # A local file header is 30 bytes plus the name and the extra field.
+    name_len, extra_len = np.frombuffer(
+        data[info.header_offset + 26 : info.header_offset + 30], "<u2"
+    )
+    start = info.header_offset + 30 + int(name_len) + int(extra_len)
+    data[start + offset_in_member] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def savez_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+# name: (write the file at `path` for a Linear(4, 3) with a bias, the reason in the message)
+BAD_FILES = {
+    "empty file": (lambda p: p.write_bytes(b""), "the file is empty"),
+    "not a zip file": (lambda p: p.write_text("weight,bias\n"), r"not an \.npz archive"),
+    "a single .npy array": (
+        lambda p: p.write_bytes(npy_bytes(np.ones((3, 4)))),
+        r"single array \(\.npy\)",
+    ),
+    "truncated archive": (
+        lambda p: p.write_bytes(savez_bytes(weight=np.ones((3, 4)), bias=np.ones(3))[:300]),
+        r"not an \.npz archive: no zip directory found",
+    ),
+    "corrupt stored data": (
+        lambda p: with_flipped_byte(write_zip(p, good_members()), 140),
+        r"corrupt or unreadable archive \(BadZipFile: Bad CRC-32",
+    ),
+    "corrupt compressed data": (
+        lambda p: with_flipped_byte(write_zip(p, good_members(), zipfile.ZIP_DEFLATED), 5),
+        r"corrupt or unreadable archive",
+    ),
+    "a member that is not .npy": (
+        lambda p: write_zip(p, {"weight": b"3 4\n1 1 1 1", "bias.npy": npy_bytes(np.ones(3))}),
+        r"member 'weight' is not a \.npy array",
+    ),
+    "a complex member": (
+        lambda p: write_zip(p, good_members(weight=np.ones((3, 4), complex))),
+        r"member 'weight\.npy' has dtype complex128, which cannot be cast",
+    ),
+    "an object member": (
+        lambda p: write_zip(p, good_members(bias=np.array([None, 1, 2], dtype=object))),
+        r"member 'bias\.npy' has dtype object",
+    ),
+    "a string member": (
+        lambda p: write_zip(p, good_members(bias=np.array(["1", "2", "3"]))),
+        r"member 'bias\.npy' has dtype <U1",
+    ),
+    "a member of the wrong shape": (
+        lambda p: write_zip(p, good_members(weight=np.ones((4, 3)))),
+        r"weight shape does not match the layer: got \(4, 3\) but expected \(3, 4\)",
+    ),
+    "a truncated member": (
+        lambda p: write_zip(p, {**good_members(), "weight.npy": npy_bytes(np.ones((3, 4)))[:-8]}),
+        r"member 'weight\.npy' is truncated: 88 of 96 data bytes",
+    ),
+    "a member longer than its header": (
+        lambda p: write_zip(p, {**good_members(), "bias.npy": npy_bytes(np.ones(3)) + b"\0" * 8}),
+        r"member 'bias\.npy' holds more data than its header describes",
+    ),
+    "a malformed header": (
+        lambda p: write_zip(
+            p, {**good_members(), "bias.npy": b"\x93NUMPY\x01\x00\x0c\x00{'shape': 3}"}
+        ),
+        r"member 'bias\.npy' has a malformed \.npy header",
+    ),
+    "a member twice": (
+        lambda p: write_zip(p, {**good_members(), "weight": npy_bytes(np.zeros((3, 4)))}),
+        r"two members hold 'weight': 'weight\.npy' and 'weight'",
+    ),
+    "a missing member": (
+        lambda p: write_zip(p, {"weight.npy": npy_bytes(np.ones((3, 4)))}),
+        r"missing key\(s\) \['bias'\], unexpected key\(s\) \[\]",
+    ),
+    "an unexpected member": (
+        lambda p: write_zip(p, {**good_members(), "running_mean.npy": npy_bytes(np.ones(3))}),
+        r"missing key\(s\) \[\], unexpected key\(s\) \['running_mean'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_every_failed_load_raises_load_error(tmp_path, case):
+    write, reason = BAD_FILES[case]
+    path = tmp_path / "layer.npz"
+    write(path)
+    layer = Linear(4, 3, seed=0)
+    before = layer.state_dict()
+    with pytest.raises(linmaps.LoadError) as info:
+        layer.load(path)
+    assert isinstance(info.value, ValueError)  # documented: a ValueError subclass
+    message = str(info.value)
+    assert message.startswith(f"Linear.load(): cannot load {str(path)!r}: "), message
+    assert re.search(reason, message), message
+    for name, value in before.items():  # a failed load leaves the layer unchanged
+        np.testing.assert_array_equal(getattr(layer, name), value)
+    # The same from an open file object, named by its file name.
+    with open(path, "rb") as file, pytest.raises(linmaps.LoadError, match=reason):
+        layer.load(file)
+
+
+def test_load_errors_name_a_nameless_file_object_by_type():
+    with pytest.raises(linmaps.LoadError, match=r"^Bilinear\.load\(\): cannot load <BytesIO>: "):
+        Bilinear(2, 2, 2).load(io.BytesIO(b""))
+
+
+def test_a_file_that_cannot_be_opened_raises_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Linear(4, 3).load(tmp_path / "missing.npz")
+    with pytest.raises(IsADirectoryError):
+        Linear(4, 3).load(tmp_path)
+
+
+def write_bomb(path, member: str, shape: tuple, others: dict):
+    """A small archive whose ``member`` claims ``shape`` float64 zeros (deflated ~1000:1)."""
+    nbytes = 8 * int(np.prod(shape))
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in others.items():
+            archive.writestr(name, data)
+        with archive.open(member, "w", force_zip64=True) as stream:
+            header = {"descr": "<f8", "fortran_order": False, "shape": shape}
+            npy_format.write_array_header_1_0(stream, header)
+            zeros = bytes(1 << 20)
+            for _ in range(nbytes >> 20):
+                stream.write(zeros)
+    return nbytes
+
+
+def peak_traced_bytes(function):
+    """Peak memory traced (NumPy's array data included) while ``function()`` runs."""
+    tracemalloc.start()
+    try:
+        function()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("member", ["weight", "bias"])
+def test_load_checks_every_header_before_reading_data(tmp_path, member):
+    # A decompression bomb: a member whose header claims tens of MiB in a file of ~50 kB.
+    # Its header is read and rejected before any data: the other member's data neither.
+    shapes = {"weight": (3, 1 << 21), "bias": (1 << 22,)}
+    others = {k: v for k, v in good_members().items() if not k.startswith(member)}
+    path = tmp_path / "bomb.npz"
+    claimed = write_bomb(path, f"{member}.npy", shapes[member], others)
+    assert path.stat().st_size < claimed / 200
+    layer = Linear(4, 3, seed=0)
+    before = layer.state_dict()
+
+    def load():
+        with pytest.raises(linmaps.LoadError, match=f"{member} shape does not match the layer"):
+            layer.load(path)
+
+    assert peak_traced_bytes(load) < (1 << 20) < claimed / 30
+    for name, value in before.items():
+        np.testing.assert_array_equal(getattr(layer, name), value)
+
+
+def test_load_not_strict_skips_unexpected_members_unread(tmp_path):
+    path = tmp_path / "extra.npz"
+    claimed = write_bomb(path, "extra.npy", (1 << 22,), good_members(np.full((3, 4), 2.0)))
+    layer = Linear(4, 3, seed=0)
+    result = []
+    assert peak_traced_bytes(lambda: result.append(layer.load(path, strict=False))) < claimed / 30
+    assert result == [([], ["extra"])]
+    np.testing.assert_array_equal(layer.weight, 2.0)
+
+
+def test_load_accepts_any_real_dtype_byte_order_layout_and_compression(tmp_path):
+    weight = np.arange(12.0).reshape(3, 4)
+    cases = {
+        "big-endian": {"weight": weight.astype(">f8"), "bias": np.arange(3, dtype=">i4")},
+        "Fortran order": {"weight": np.asfortranarray(weight), "bias": np.arange(3.0)},
+        "integer and bool": {"weight": weight.astype(np.int16), "bias": np.array([0, 1, 2])},
+        "float16": {"weight": weight.astype(np.float16), "bias": np.arange(3.0, dtype="<f2")},
+    }
+    for name, arrays in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez_compressed(path, **arrays)
+        layer = Linear(4, 3, dtype=np.float64, seed=0)
+        assert layer.load(path) == ([], []), name
+        np.testing.assert_array_equal(layer.weight, weight, err_msg=name)
+        np.testing.assert_array_equal(layer.bias, [0.0, 1.0, 2.0], err_msg=name)
+        assert layer.weight.dtype == np.float64 and layer.weight.flags.c_contiguous
+    # Missing members with strict=False keep their values.
+    write_zip(tmp_path / "weight_only.npz", {"weight.npy": npy_bytes(weight)})
+    layer = Linear(4, 3, seed=0)
+    bias = layer.bias.copy()
+    assert layer.load(tmp_path / "weight_only.npz", strict=False) == (["bias"], [])
+    np.testing.assert_array_equal(layer.weight, weight)
+    np.testing.assert_array_equal(layer.bias, bias)
 
 
 # ----------------------------------------------------------------------------- initialisation

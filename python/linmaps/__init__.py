@@ -22,7 +22,7 @@ from ._backend import (
     use_backend,
 )
 from ._config import show_config
-from ._layers import Bilinear, Linear
+from ._layers import Bilinear, Linear, LoadError
 
 try:
     __version__ = _version("linmaps")
@@ -34,6 +34,7 @@ __all__ = [
     "BilinearGrads",
     "Linear",
     "LinearGrads",
+    "LoadError",
     "__version__",
     "available_backends",
     "bilinear",

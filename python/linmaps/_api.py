@@ -66,11 +66,17 @@ def _flat(array, features):
 
 
 def _restore(array, shape, dtype):
+    """A backend result in the caller's batch shape and result dtype.
+
+    The only cast here rounds a float32 result to float16; like float32 and float64
+    arithmetic it overflows to inf silently (``_validation.contiguous``), whatever
+    ``numpy.errstate`` says.
+    """
     if array is None:
         return None
     if array.shape != shape:
         array = array.reshape(shape)
-    return array if array.dtype == dtype else array.astype(dtype)
+    return v.contiguous(array, dtype)
 
 
 # ----------------------------------------------------------------------------- linear

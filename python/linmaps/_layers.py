@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import NamedTuple
 
 import numpy as np
 
-from . import _api
+from . import _api, _npz
 from . import _validation as v
 
-__all__ = ["Bilinear", "IncompatibleKeys", "Linear"]
+__all__ = ["Bilinear", "IncompatibleKeys", "Linear", "LoadError"]
 
 _LAYER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class LoadError(ValueError):
+    """A layer's ``load`` could not use a file's contents.
+
+    Raised for every file that cannot be loaded into the layer: an empty file, a single
+    ``.npy`` array, a file that is not a zip archive or is corrupt or truncated, a member that
+    is not a ``.npy`` array or has a non-real dtype or the wrong shape, and missing or
+    unexpected keys (when strict). The message names the file and the reason. A subclass of
+    ``ValueError``. A file that cannot be opened at all raises ``OSError`` as ``open`` does.
+    """
 
 
 class IncompatibleKeys(NamedTuple):
@@ -186,7 +198,7 @@ class _Layer:
         )
         # Copy into the existing array, as torch's load_state_dict does: references that an
         # optimiser took from parameters() stay valid.
-        np.copyto(target, array, casting="same_kind")
+        v.copy_into(target, array)
 
     # -- freezing ------------------------------------------------------------------------------
 
@@ -329,7 +341,7 @@ class _Layer:
             if name in keys
         }
         for name, value in values.items():
-            np.copyto(self._params[name], value, casting="same_kind")
+            v.copy_into(self._params[name], value)
         return IncompatibleKeys(missing, unexpected)
 
     def save(self, path) -> None:
@@ -343,16 +355,55 @@ class _Layer:
             np.savez(file, **self.state_dict())
 
     def load(self, path, strict: bool = True) -> IncompatibleKeys:
-        """Load parameters from an ``.npz`` archive (as written by ``save`` or
-        ``numpy.savez(path, **layer.state_dict())``); see ``load_state_dict``."""
-        archive = np.load(path, allow_pickle=False)  # never unpickle what a file says
-        if not hasattr(archive, "files"):
-            raise ValueError(
-                f"{type(self).__name__}.load(): {path!s} holds a single array, "
-                f"not an .npz archive of named parameters"
-            )
-        with archive:
-            return self.load_state_dict(archive, strict=strict)
+        """Load parameters from an ``.npz`` archive, as written by ``save`` or
+        ``numpy.savez(path, **layer.state_dict())``.
+
+        Each member's ``.npy`` header is read and checked against the layer (shape exactly the
+        parameter's, a real dtype) before any member's data is read, and then only as many
+        bytes as that header describes: a small file claiming a huge array costs nothing.
+        Values are cast to the layer's dtype, as in ``load_state_dict``; nothing is unpickled.
+        The layer is changed only when the whole load succeeds.
+
+        Parameters
+        ----------
+        path : str, path-like or binary file object
+            The archive; a file object must be seekable and is read from its position.
+        strict : bool, default True
+            Require the members to be exactly the layer's parameters. With False, missing
+            parameters keep their values and unexpected members are skipped unread.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``.
+
+        Raises
+        ------
+        LoadError
+            If the file's contents cannot be loaded into the layer (see :class:`LoadError`);
+            the message names the file and the reason.
+        OSError
+            If the file cannot be opened (missing, a directory, no permission).
+        """
+        where = f"{type(self).__name__}.load()"
+        strict = _check_bool(where, "strict", strict)
+        if hasattr(path, "read"):
+            name = getattr(path, "name", None)
+            shown = repr(name) if isinstance(name, (str, bytes)) else f"<{type(path).__name__}>"
+            return self._load_from(path, shown, where, strict)
+        path = os.fspath(path)
+        with open(path, "rb") as file:  # OSError (missing file, ...) propagates as is
+            return self._load_from(file, repr(path), where, strict)
+
+    def _load_from(self, file, shown: str, where: str, strict: bool) -> IncompatibleKeys:
+        shapes = {name: p.shape for name, p in self._params.items()}
+        try:
+            values, missing, unexpected = _npz.read_parameters(file, shapes, self._dtype, strict)
+        except _npz.Invalid as exc:
+            raise LoadError(f"{where}: cannot load {shown}: {exc}") from exc.__cause__
+        for name, value in values.items():  # every member was checked: now copy them all
+            v.copy_into(self._params[name], value)
+        return IncompatibleKeys(missing, unexpected)
 
     # -- forward/backward helpers --------------------------------------------------------------
 
@@ -376,7 +427,7 @@ class _Layer:
     def _converted(self, array: np.ndarray, keep: bool) -> np.ndarray:
         """``array`` C-contiguous in the layer's dtype; never sharing memory with ``array`` when
         it is kept for backward (``keep``) and ``copy_inputs`` is on."""
-        converted = np.ascontiguousarray(array, dtype=self._dtype)
+        converted = v.contiguous(array, self._dtype)
         # A conversion that had to copy already gives a private array; otherwise copy once, so
         # a caller who modifies the input in place afterwards cannot corrupt the backward pass.
         if keep and self._copy_inputs and np.may_share_memory(converted, array):
@@ -390,7 +441,7 @@ class _Layer:
                 f"{where}(): grad_out shape does not match the output of the last "
                 f"forward: got {array.shape} but expected {expected_shape}"
             )
-        return np.ascontiguousarray(array, dtype=self._dtype)
+        return v.contiguous(array, self._dtype)
 
     def _saved_inputs(self, where: str) -> tuple:
         if self._saved is None:

@@ -5,13 +5,20 @@ one dtype (float32 or float64), shapes consistent, batch dimensions flattened to
 bilinear weight. Each returns new arrays and never writes to its inputs.
 
 The work is done in large matrix products (BLAS via ``numpy.matmul``), following the
-reformulation of ``shared/spec/maps.md`` section 4: with ``A_hat[i, l*n + j] = A[l, i, j]``,
+reformulation of ``shared/spec/maps.md`` section 4, grouped exactly as the compiled backend
+groups it (``csrc/bilinear.cpp``): ``P`` is the wider input (``x2`` when ``in2 > in1``, the
+"swapped" case, else ``x1``) and ``Q`` the other, ``p`` and ``q`` their widths, and
+``A_hat (p, L*q)`` holds ``A[l]`` (or ``A[l].T`` when swapped) in columns ``l*q : (l+1)*q``:
 
-* ``T = X1 @ A_hat`` and ``Z[k, l] = sum_j T[k, l*n + j] * X2[k, j]``;
-* ``W[k, l*n + j] = dZ[k, l] * X2[k, j]``, ``dA_hat = X1.T @ W``, ``dX1 = W @ A_hat.T``;
-* ``dX2[k, j] = sum_l dZ[k, l] * T[k, l*n + j]``.
+* ``T = P @ A_hat`` and ``Z[k, l] = sum_j T[k, l*q + j] * Q[k, j]``;
+* ``W[k, l*q + j] = dZ[k, l] * Q[k, j]``, ``dA_hat = P.T @ W``, ``dP = W @ A_hat.T``;
+* ``dQ[k, j] = sum_l dZ[k, l] * T[k, l*q + j]``.
 
-``T`` and ``W`` have ``L*n`` columns per sample, so the batch is processed in row blocks whose
+For finite inputs the grouping changes only rounding. With infinities it decides between NaN
+and Inf (``inf * 0`` inside ``T`` or outside it), so both backends must group alike: this
+backend is the oracle the compiled one is tested against (``docs/derivation.md``).
+
+``T`` and ``W`` have ``L*q`` columns per sample, so the batch is processed in row blocks whose
 intermediates hold at most ``_WORKSPACE_ELEMENTS`` numbers: memory stays bounded for any N.
 """
 
@@ -44,10 +51,18 @@ def _row_blocks(n_rows: int, row_width: int):
         yield slice(start, min(n_rows, start + rows))
 
 
-def _weight_hat(weight: np.ndarray) -> np.ndarray:
-    """``A (L, m, n)`` as ``A_hat (m, L*n)`` with ``A_hat[i, l*n + j] = A[l, i, j]``."""
+def _grouping(x1: np.ndarray, x2: np.ndarray, weight: np.ndarray):
+    """``(swapped, P, Q, A_hat)``: the grouping of the compiled backend (``csrc/bilinear.cpp``).
+
+    ``P`` is the wider input (``x2`` when ``in2 > in1``: "swapped") and ``Q`` the other;
+    ``A_hat (p, L*q)`` has ``A_hat[i, l*q + j] = A[l, i, j]``, or ``A[l, j, i]`` when swapped.
+    """
     out_features, in1, in2 = weight.shape
-    return np.ascontiguousarray(weight.transpose(1, 0, 2)).reshape(in1, out_features * in2)
+    if in2 > in1:
+        a_hat = np.ascontiguousarray(weight.transpose(2, 0, 1)).reshape(in2, out_features * in1)
+        return True, x2, x1, a_hat
+    a_hat = np.ascontiguousarray(weight.transpose(1, 0, 2)).reshape(in1, out_features * in2)
+    return False, x1, x2, a_hat
 
 
 @_ieee
@@ -69,12 +84,13 @@ def linear_backward(grad, x, weight, need_x, need_weight, need_bias):
 @_ieee
 def bilinear_forward(x1, x2, weight, bias):
     n_samples = x1.shape[0]
-    out_features, _, in2 = weight.shape
-    a_hat = _weight_hat(weight)
+    out_features = weight.shape[0]
+    _, p_in, q_in, a_hat = _grouping(x1, x2, weight)
+    q = q_in.shape[1]
     z = np.empty((n_samples, out_features), dtype=x1.dtype)
-    for rows in _row_blocks(n_samples, out_features * in2):
-        t = (x1[rows] @ a_hat).reshape(len(x1[rows]), out_features, in2)
-        np.matmul(t, x2[rows, :, None], out=z[rows, :, None])
+    for rows in _row_blocks(n_samples, out_features * q):
+        t = (p_in[rows] @ a_hat).reshape(len(p_in[rows]), out_features, q)
+        np.matmul(t, q_in[rows, :, None], out=z[rows, :, None])
     if bias is not None:
         z += bias
     return z
@@ -82,29 +98,32 @@ def bilinear_forward(x1, x2, weight, bias):
 
 @_ieee
 def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_bias):
-    n_samples, in1 = x1.shape
-    out_features, _, in2 = weight.shape
+    n_samples = x1.shape[0]
+    out_features = weight.shape[0]
     dtype = x1.dtype
-    a_hat = _weight_hat(weight)
-    grad_x1 = np.empty((n_samples, in1), dtype=dtype) if need_x1 else None
-    grad_x2 = np.empty((n_samples, in2), dtype=dtype) if need_x2 else None
-    grad_a_hat = np.zeros((in1, out_features * in2), dtype=dtype) if need_weight else None
-    if need_x1 or need_x2 or need_weight:
-        for rows in _row_blocks(n_samples, out_features * in2):
+    swapped, p_in, q_in, a_hat = _grouping(x1, x2, weight)
+    p, q = p_in.shape[1], q_in.shape[1]
+    need_p, need_q = (need_x2, need_x1) if swapped else (need_x1, need_x2)
+    grad_p = np.empty((n_samples, p), dtype=dtype) if need_p else None
+    grad_q = np.empty((n_samples, q), dtype=dtype) if need_q else None
+    grad_a_hat = np.zeros((p, out_features * q), dtype=dtype) if need_weight else None
+    if need_p or need_q or need_weight:
+        for rows in _row_blocks(n_samples, out_features * q):
             g = grad[rows]
-            if need_x1 or need_weight:
-                w = (g[:, :, None] * x2[rows, None, :]).reshape(len(g), out_features * in2)
+            if need_p or need_weight:
+                w = (g[:, :, None] * q_in[rows, None, :]).reshape(len(g), out_features * q)
                 if need_weight:
-                    grad_a_hat += x1[rows].T @ w
-                if need_x1:
-                    np.matmul(w, a_hat.T, out=grad_x1[rows])
-            if need_x2:
-                t = (x1[rows] @ a_hat).reshape(len(x1[rows]), out_features, in2)
-                np.matmul(g[:, None, :], t, out=grad_x2[rows, None, :])
+                    grad_a_hat += p_in[rows].T @ w
+                if need_p:
+                    np.matmul(w, a_hat.T, out=grad_p[rows])
+            if need_q:
+                t = (p_in[rows] @ a_hat).reshape(len(g), out_features, q)
+                np.matmul(g[:, None, :], t, out=grad_q[rows, None, :])
     grad_weight = None
     if need_weight:
-        grad_weight = np.ascontiguousarray(
-            grad_a_hat.reshape(in1, out_features, in2).transpose(1, 0, 2)
-        )
+        # dA_hat[i, l*q + j] back to (L, in1, in2): dA[l, i, j], or dA[l, j, i] when swapped.
+        axes = (1, 2, 0) if swapped else (1, 0, 2)
+        grad_weight = np.ascontiguousarray(grad_a_hat.reshape(p, out_features, q).transpose(axes))
+    grad_x1, grad_x2 = (grad_q, grad_p) if swapped else (grad_p, grad_q)
     grad_bias = grad.sum(axis=0) if need_bias else None
     return grad_x1, grad_x2, grad_weight, grad_bias

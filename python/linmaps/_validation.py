@@ -31,16 +31,21 @@ def as_array(fname: str, name: str, value) -> np.ndarray:
 
 
 def result_dtype(*arrays: np.ndarray) -> np.dtype:
-    """The dtype of the results: NumPy promotion, with bool and integer inputs as float64."""
+    """The dtype of the results: NumPy promotion, with bool and integer inputs as float64.
+
+    Always in native byte order: a big-endian ``>f8`` input gives a native float64 result,
+    and the backends compute in native order (the arrays are converted on the way in).
+    """
     first = arrays[0].dtype
     for a in arrays:
         if a.dtype != first:
             break
     else:
         if first.kind == "f":  # the common case, all one float dtype: no promotion needed
-            return first
+            return first if first.isnative else first.newbyteorder("=")
     dtypes = [np.dtype(np.float64) if a.dtype.kind in "biu" else a.dtype for a in arrays]
-    return np.result_type(*dtypes)
+    result = np.result_type(*dtypes)
+    return result if result.isnative else result.newbyteorder("=")
 
 
 def compute_dtype(result: np.dtype) -> np.dtype:
@@ -49,8 +54,25 @@ def compute_dtype(result: np.dtype) -> np.dtype:
 
 
 def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """C-contiguous ``array`` in ``dtype``; copies only when layout or dtype require it."""
-    return np.ascontiguousarray(array, dtype=dtype)
+    """C-contiguous ``array`` in ``dtype``; copies only when layout or dtype require it.
+
+    Every conversion linmaps makes goes through here (or ``copy_into``). A narrowing one (a
+    float32 result to float16, a float64 input to a float32 layer) rounds as IEEE 754 says,
+    silently, like float32 and float64 arithmetic: out-of-range values become +-inf and tiny
+    ones subnormal or zero. NumPy's cast would instead warn, or raise ``FloatingPointError``
+    under ``numpy.errstate(all="raise")``. Byte order is converted to ``dtype``'s too.
+    """
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    with np.errstate(all="ignore"):
+        return np.ascontiguousarray(array, dtype=dtype)
+
+
+def copy_into(target: np.ndarray, value: np.ndarray) -> None:
+    """``target[...] = value`` cast to ``target``'s dtype as IEEE says, silently (see
+    ``contiguous``)."""
+    with np.errstate(all="ignore"):
+        np.copyto(target, value, casting="same_kind")
 
 
 def check_at_least_1d(fname: str, name: str, array: np.ndarray) -> None:

@@ -29,8 +29,8 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
   const T* bias_data = bias ? bias->data() : nullptr;
   const T *x1_data = x1.data(), *x2_data = x2.data(), *weight_data = weight.data();
   T* z_data = z.mutable_data();
-  const int num_threads = binding::threads_for(
-      binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
+  const int num_threads =
+      binding::threads_for(binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
   binding::CallScope call;
   {
     py::gil_scoped_release release;
@@ -59,8 +59,8 @@ py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const A
   T* grad_x2_data = binding::data_or_null(need_x2, grad_x2);
   T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
   T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
-  const int num_threads = binding::threads_for(
-      binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
+  const int num_threads =
+      binding::threads_for(binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
   binding::CallScope call;
   {
     py::gil_scoped_release release;

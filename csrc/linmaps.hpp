@@ -101,8 +101,7 @@ inline bool poll_python_signals() {
 class CallScope {
  public:
   CallScope()
-      : stop_(PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals
-                                                                 : nullptr) {
+      : stop_(PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals : nullptr) {
     detail::t_call_stop = &stop_;
     detail::t_is_caller = true;
   }

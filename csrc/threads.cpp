@@ -115,8 +115,8 @@ int calling_thread_icv() {
 }
 
 // Runs jobs [first, num_jobs) on new threads and job `own` on this one, all at once.
-void run_jobs_on_new_threads(BlasJob job, int first, int num_jobs, std::size_t job_size,
-                             char* jobs, int job_arg, int own) noexcept {
+void run_jobs_on_new_threads(BlasJob job, int first, int num_jobs, std::size_t job_size, char* jobs,
+                             int job_arg, int own) noexcept {
   std::vector<std::thread> extra;
   try {
     extra.reserve(static_cast<std::size_t>(num_jobs - first));
@@ -148,8 +148,8 @@ bool full_team_guaranteed(int n) {
 // thread, so NumPy's BLAS and linmaps share one pool instead of two that spin against each
 // other. OpenBLAS chooses the number of jobs (its own thread count): what NumPy computes,
 // and how it splits it, is unchanged.
-void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs,
-                                     std::size_t job_size, void* job_data, int job_arg) {
+void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs, std::size_t job_size,
+                          void* job_data, int job_arg) {
   char* jobs = static_cast<char*>(job_data);
   if (num_jobs <= 0) return;
   g_state->blas_calls.fetch_add(1, std::memory_order_relaxed);
@@ -335,7 +335,8 @@ void blas_uninstall() {
 std::vector<std::pair<std::string, std::string>> blas_installed() {
   std::lock_guard<std::mutex> lock(g_state->blas_mutex);
   std::vector<std::pair<std::string, std::string>> out;
-  for (const auto& library : g_state->blas_libraries) out.emplace_back(library.path, library.symbol);
+  for (const auto& library : g_state->blas_libraries)
+    out.emplace_back(library.path, library.symbol);
   return out;
 }
 

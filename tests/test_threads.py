@@ -8,7 +8,6 @@ own environment) with a timeout, so that a hang fails the test instead of blocki
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -181,7 +180,8 @@ def test_concurrent_numpy_and_linmaps_calls_from_threads():
     def work(job):
         a, b = job
         b32 = b.astype(np.float32)
-        return a @ b32, (a.T @ a), linmaps.linear(a, b32.T), linmaps.bilinear(a, a, b32[None, :, :300])
+        bilinear = linmaps.bilinear(a, a, b32[None, :, :300])
+        return a @ b32, (a.T @ a), linmaps.linear(a, b32.T), bilinear
 
     serial = [work(job) for job in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -323,7 +323,7 @@ def test_fork_before_any_threads_keeps_the_child_parallel():
         cb.set_num_threads(2)
         pid = os.fork()
         if pid == 0:
-            print(lm.get_num_threads(), cb._core.team_size(), cb._core.in_forked_child(), flush=True)
+            print(lm.get_num_threads(), cb._core.team_size(), cb._core.in_forked_child())
             os._exit(0)
         os.waitpid(pid, 0)
         """,

@@ -7,7 +7,7 @@ For each shape, times the call (forward + backward, float32, all usable threads)
 machine, then with one single-threaded busy process (``while True: pass``) beside it, and
 prints t_idle / t_busy. With 2 threads on 2 cores a fair share of the machine gives about
 0.67 (three runnable threads share two cores). The children differ in GOMP_SPINCOUNT: 300000
-(libgomp's own default, linmaps before it set one), linmaps' default, and 0 (passive).
+(libgomp's own default: linmaps before it set one), linmaps' default (1000), and 0 (passive).
 """
 
 import os
@@ -23,8 +23,13 @@ SHAPES = [
     ("bilinear", (1024, 128, 128, 64)),
     ("linear", (256, 512, 512)),
     ("linear", (4096, 1024, 1024)),
+    ("linear", (16384, 128, 128)),
 ]
-SETTINGS = {"libgomp default (300000)": "300000", "linmaps default": None, "passive (0)": "0"}
+SETTINGS = {
+    "before (libgomp's own spin, 300000)": "300000",
+    "after (linmaps' default)": None,
+    "passive (GOMP_SPINCOUNT=0)": "0",
+}
 
 
 def make_call(kind, shape):
@@ -57,20 +62,22 @@ def here():
     for kind, shape in SHAPES:
         call = make_call(kind, shape)
         ratios = []
-        for _ in range(2):
-            time.sleep(0.3)
-            idle = median_s(call)
+        idles = []
+        for _ in range(5):
+            time.sleep(0.15)
+            idles.append(median_s(call, 0.25))
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             try:
-                time.sleep(0.3)
-                loaded = median_s(call)
+                time.sleep(0.15)
+                loaded = median_s(call, 0.25)
             finally:
                 busy.kill()
                 busy.wait()
-            ratios.append(idle / loaded)
+            ratios.append(idles[-1] / loaded)
         print(
-            f"  {kind} {str(shape):22s} idle {idle * 1e3:9.3f} ms  "
-            f"beside a busy process: {' '.join(f'{r:4.2f}' for r in ratios)} of idle speed",
+            f"  {kind} {shape!s:22s} idle {np.median(idles) * 1e3:9.3f} ms  beside a busy "
+            f"process: median {np.median(ratios):4.2f} (range {min(ratios):4.2f}-"
+            f"{max(ratios):4.2f}) of idle speed",
             flush=True,
         )
 
@@ -80,7 +87,9 @@ def main():
         here()
         return
     for name, value in SETTINGS.items():
-        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+        }
         if value is not None:
             env["GOMP_SPINCOUNT"] = value
         print(f"{name}:", flush=True)

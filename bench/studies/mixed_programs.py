@@ -9,9 +9,11 @@ NumPy part alone, the linmaps part alone and the whole step alternating the two,
 ``(t_numpy + t_linmaps) / t_alternating`` (1.0: mixing costs nothing). It also times one
 linmaps call right after a 2048-square ``numpy.matmul`` against the same call alone.
 
-``--envs`` runs the measurement in a child process per environment: the default one,
-``OPENBLAS_THREAD_TIMEOUT=4``, ``GOMP_SPINCOUNT=0``, both, and ``LINMAPS_BLAS_THREADS=native``
-(linmaps leaves NumPy's BLAS pool alone), so that before/after is one command.
+``--envs`` runs the measurement in a child process per environment, so that before/after is
+one command: "before" is linmaps as it was before it managed the pools (libgomp's own spin,
+``GOMP_SPINCOUNT=300000``, and OpenBLAS on its own threads, ``LINMAPS_BLAS_THREADS=native``),
+alone and with each of the two variables users were told to set, and with both; "after" is
+the default environment, and the default with OpenBLAS on its own threads.
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ VARIANTS = {
     "long": (1024, 1024, 128, 64, 32),
     "short": (32, 64, 64, 64, 32),
 }
+_BEFORE = {"GOMP_SPINCOUNT": "300000", "LINMAPS_BLAS_THREADS": "native"}
 ENVIRONMENTS = {
-    "default": {},
-    "OPENBLAS_THREAD_TIMEOUT=4": {"OPENBLAS_THREAD_TIMEOUT": "4"},
-    "GOMP_SPINCOUNT=0": {"GOMP_SPINCOUNT": "0"},
-    "both": {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "0"},
-    "LINMAPS_BLAS_THREADS=native": {"LINMAPS_BLAS_THREADS": "native"},
+    "before (libgomp's own spin, OpenBLAS's own threads)": _BEFORE,
+    "before + OPENBLAS_THREAD_TIMEOUT=4": {**_BEFORE, "OPENBLAS_THREAD_TIMEOUT": "4"},
+    "before + GOMP_SPINCOUNT=0": {**_BEFORE, "GOMP_SPINCOUNT": "0"},
+    "before + both": {**_BEFORE, "OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "0"},
+    "after: default environment": {},
+    "after, but LINMAPS_BLAS_THREADS=native": {"LINMAPS_BLAS_THREADS": "native"},
 }
+_VARIABLES = (
+    "GOMP_SPINCOUNT",
+    "OMP_WAIT_POLICY",
+    "OPENBLAS_THREAD_TIMEOUT",
+    "LINMAPS_BLAS_THREADS",
+)
 
 
 def make_step(batch, d_in, hidden, in2, out, seed=0):
@@ -152,7 +162,7 @@ def main():
     if args.envs:
         for name, extra in ENVIRONMENTS.items():
             print(f"{name}:", flush=True)
-            env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENTS["both"]}
+            env = {k: v for k, v in os.environ.items() if k not in _VARIABLES}
             env.update(extra)
             argv = [sys.argv[0], "--variants", args.variants, "--reps", str(args.reps)]
             argv += ["--rounds", str(args.rounds)]

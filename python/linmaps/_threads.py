@@ -2,12 +2,12 @@
 
 Two measures, both described in docs/performance.md ("Mixing linmaps with NumPy's BLAS"):
 
-* **A short spin for linmaps' OpenMP threads.** libgomp's idle threads spin about 10 ms
-  (300,000 rounds) after each parallel region before they sleep, taking cores from anything
-  else that runs then. libgomp reads ``GOMP_SPINCOUNT`` once, when it is loaded, so linmaps
-  sets it just for the moment its compiled module (and with it, in a wheel, its own copy of
-  libgomp) is loaded, and restores the environment right after. A user's own
-  ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` wins.
+* **A short spin for linmaps' OpenMP threads.** libgomp's waiting threads (idle ones after
+  a parallel region, and those at a barrier) spin about 10 ms (300,000 rounds) before they
+  sleep, taking cores from anything else that runs then. libgomp reads ``GOMP_SPINCOUNT``
+  once, when it is loaded, so linmaps sets it just while its compiled module (and with it,
+  in a wheel, its own copy of libgomp) loads, and restores the environment right after. A
+  user's own ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` wins.
 * **One pool for NumPy's BLAS and linmaps.** OpenBLAS (0.3.27 and later) lets a program run
   its parallel calls on the program's own threads (``openblas_set_threads_callback_function``).
   linmaps gives every OpenBLAS loaded in the process (NumPy's, SciPy's) a callback that runs
@@ -23,10 +23,12 @@ import contextlib
 import os
 import warnings
 
-# libgomp's spin before an idle thread sleeps, in rounds of its wait loop (about 35 ns each
-# on the machine of docs/performance.md): long enough to bridge the gap between two calls of
-# a loop, short enough not to hold a core that another pool or process needs.
-SPINCOUNT = "10000"
+# libgomp's spin before a waiting thread sleeps, in rounds of its wait loop (about 33 ns
+# each on the machine of docs/performance.md, so about 35 us): long enough to bridge two
+# regions of a call and two calls of a loop, short enough that a thread waiting for a
+# descheduled teammate soon gives its core back. Chosen by measurement
+# (bench/studies/contention.py, mixed_programs.py; docs/performance.md).
+SPINCOUNT = "1000"
 _WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 # What happened at import, for show_config().

@@ -303,122 +303,133 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
   std::optional<WeightColumns<T>> what;
   if (grad_p != nullptr || grad_q != nullptr) what.emplace(weight, plan, serial ? 1 : num_threads);
 
+  // Stage 1 (dP, dQ, per row block) and stage 2 (dWhat, per column tile) read the same inputs
+  // and write different outputs: their tasks form one pool, so that the threads wait at one
+  // barrier instead of two (a barrier costs most when another process holds a core).
   // ---- stage 1: dP = W What^T and dQ[k,j] = sum_l dZ[k,l] T[k,lq+j], per row block.
+  const bool stage1 = L > 0 && (grad_p != nullptr || grad_q != nullptr);
   if (L == 0) {  // no outputs: both input gradients are empty sums
     if (grad_p != nullptr) MatrixView<T>(grad_p, N, p).setZero();
     if (grad_q != nullptr) MatrixView<T>(grad_q, N, q).setZero();
-  } else if (grad_p != nullptr || grad_q != nullptr) {
-    const Index blocks = plan.row_blocks();
-    // Groups of outputs: 1 when there are enough row blocks, else enough groups for
-    // kTargetTasks tasks, as long as the partial sums stay within kMaxPartialBytes.
-    Index per_group = L;
-    Index groups = 1;
+  }
+  const Index blocks = plan.row_blocks();
+  // Groups of outputs: 1 when there are enough row blocks, else enough groups for
+  // kTargetTasks tasks, as long as the partial sums stay within kMaxPartialBytes.
+  Index per_group = std::max<Index>(L, 1);
+  Index groups = 1;
+  if (stage1 && blocks > 0 && blocks < detail::kTargetTasks) {
     const Index row_bytes =
         detail::checked_mul(detail::checked_mul(N, (grad_p ? p : 0) + (grad_q ? q : 0)), sizeof(T));
-    if (blocks > 0 && blocks < detail::kTargetTasks) {
-      Index wanted = std::min(ceil_div(detail::kTargetTasks, blocks), L);
-      if (row_bytes > 0) wanted = std::min(wanted, 1 + kMaxPartialBytes / row_bytes);
-      per_group = ceil_div(L, std::max<Index>(wanted, 1));
-      groups = ceil_div(L, per_group);
-    }
-    // Group 0 writes straight into the outputs, group g > 0 into partial buffer g - 1.
-    const Index extra = std::max<Index>(groups - 1, 0);
-    Buffer<T> partial_p(grad_p ? extra * N * p : 0);
-    Buffer<T> partial_q(grad_q ? extra * N * q : 0);
+    Index wanted = std::min(ceil_div(detail::kTargetTasks, blocks), L);
+    if (row_bytes > 0) wanted = std::min(wanted, 1 + kMaxPartialBytes / row_bytes);
+    per_group = ceil_div(L, std::max<Index>(wanted, 1));
+    groups = ceil_div(L, per_group);
+  }
+  // Group 0 writes straight into the outputs, group g > 0 into partial buffer g - 1.
+  const Index extra = stage1 ? std::max<Index>(groups - 1, 0) : 0;
+  Buffer<T> partial_p(grad_p ? extra * N * p : 0);
+  Buffer<T> partial_q(grad_q ? extra * N * q : 0);
 
-    const Index chunk_cols = std::min(plan.chunk_cols, std::max<Index>(per_group * q, 1));
-    const Index num_tasks = blocks * groups;
-    const int team = serial ? 1 : detail::team_for(num_tasks, num_threads);
-    const Index block_elements = plan.rows_per_block * chunk_cols;
-    const detail::ThreadWorkspace<T> t_space(detail::kBlockSlot, grad_q ? block_elements : 0);
-    const detail::ThreadWorkspace<T> w_space(detail::kSecondBlockSlot, grad_p ? block_elements : 0);
+  const Index chunk_cols = std::min(plan.chunk_cols, std::max<Index>(per_group * q, 1));
+  const Index stage1_tasks = stage1 ? blocks * groups : 0;
+  const Index block_elements = plan.rows_per_block * chunk_cols;
+  const detail::ThreadWorkspace<T> t_space(detail::kBlockSlot, grad_q ? block_elements : 0);
+  const detail::ThreadWorkspace<T> w_space(detail::kSecondBlockSlot, grad_p ? block_elements : 0);
 
-    detail::parallel_for(num_tasks, team, [&](Index task, int worker) {
-      const Index block = task / groups, group = task % groups;
-      const Index k0 = block * plan.rows_per_block, rows = std::min(plan.rows_per_block, N - k0);
-      const Index l0 = group * per_group, l1 = std::min(L, l0 + per_group);
-      const auto p_rows = P.middleRows(k0, rows);
-      const auto q_rows = Q.middleRows(k0, rows);
-      const auto dz_rows = dz.middleRows(k0, rows);
-      T* dp_base = group == 0 ? grad_p : partial_p.data() + (group - 1) * N * p;
-      T* dq_base = group == 0 ? grad_q : partial_q.data() + (group - 1) * N * q;
-      MatrixView<T> dp(grad_p ? dp_base + k0 * p : nullptr, grad_p ? rows : 0, p);
-      MatrixView<T> dq(grad_q ? dq_base + k0 * q : nullptr, grad_q ? rows : 0, q);
-      dp.setZero();
-      dq.setZero();
+  auto stage1_task = [&](Index task, int worker) {
+    const Index block = task / groups, group = task % groups;
+    const Index k0 = block * plan.rows_per_block, rows = std::min(plan.rows_per_block, N - k0);
+    const Index l0 = group * per_group, l1 = std::min(L, l0 + per_group);
+    const auto p_rows = P.middleRows(k0, rows);
+    const auto q_rows = Q.middleRows(k0, rows);
+    const auto dz_rows = dz.middleRows(k0, rows);
+    T* dp_base = group == 0 ? grad_p : partial_p.data() + (group - 1) * N * p;
+    T* dq_base = group == 0 ? grad_q : partial_q.data() + (group - 1) * N * q;
+    MatrixView<T> dp(grad_p ? dp_base + k0 * p : nullptr, grad_p ? rows : 0, p);
+    MatrixView<T> dq(grad_q ? dq_base + k0 * q : nullptr, grad_q ? rows : 0, q);
+    dp.setZero();
+    dq.setZero();
 
-      for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
-        if (detail::stop_requested()) return;
-        const Index width = c1 - c0;
-        what->with_chunk(c0, width, [&](const auto& what_chunk) {
-          if (grad_q != nullptr) {
-            MatrixView<T> t(t_space[worker], rows, width);
-            detail::gemm(t, p_rows, what_chunk, false);
-            for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
-              for (Index k = 0; k < rows; ++k) {
-                dq.row(k).segment(j, len) += dz_rows(k, l) * t.row(k).segment(c - c0, len);
-              }
-            });
-          }
-          if (grad_p != nullptr) {
-            MatrixView<T> w(w_space[worker], rows, width);
-            fill_w<T>(dz_rows, q_rows, c0, c1, q, w);
-            detail::gemm(dp, w, what_chunk.transpose(), true);
-          }
-        });
-      });
-    });
-
-    if (groups > 1) {
-      // Add the groups' partial sums in group order, row block by row block.
-      detail::parallel_for(blocks, team, [&](Index block, int) {
-        const Index k0 = block * plan.rows_per_block, rows = std::min(plan.rows_per_block, N - k0);
-        for (Index g = 1; g < groups; ++g) {
-          if (grad_p != nullptr) {
-            MatrixView<T>(grad_p + k0 * p, rows, p) +=
-                ConstMatrixView<T>(partial_p.data() + (g - 1) * N * p + k0 * p, rows, p);
-          }
-          if (grad_q != nullptr) {
-            MatrixView<T>(grad_q + k0 * q, rows, q) +=
-                ConstMatrixView<T>(partial_q.data() + (g - 1) * N * q + k0 * q, rows, q);
-          }
+    for_each_chunk(l0 * q, l1 * q, chunk_cols, q, plan.direct, [&](Index c0, Index c1) {
+      if (detail::stop_requested()) return;
+      const Index width = c1 - c0;
+      what->with_chunk(c0, width, [&](const auto& what_chunk) {
+        if (grad_q != nullptr) {
+          MatrixView<T> t(t_space[worker], rows, width);
+          detail::gemm(t, p_rows, what_chunk, false);
+          for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
+            for (Index k = 0; k < rows; ++k) {
+              dq.row(k).segment(j, len) += dz_rows(k, l) * t.row(k).segment(c - c0, len);
+            }
+          });
+        }
+        if (grad_p != nullptr) {
+          MatrixView<T> w(w_space[worker], rows, width);
+          fill_w<T>(dz_rows, q_rows, c0, c1, q, w);
+          detail::gemm(dp, w, what_chunk.transpose(), true);
         }
       });
-    }
-  }
+    });
+  };
 
   // ---- stage 2: dWhat = P^T W, one What column tile per task, summed over the whole batch.
-  if (grad_weight != nullptr) {
-    const Index tiles = plan.weight_tiles;
-    const Index tile_cols = plan.weight_tile_max_cols;
-    const Index step_rows = std::max<Index>(1, std::min(N, kRowsPerWeightStep));
-    const int team = serial ? 1 : detail::team_for(tiles, num_threads);
-    const detail::ThreadWorkspace<T> acc_space(detail::kBlockSlot, p * tile_cols);
-    const detail::ThreadWorkspace<T> w_space(detail::kSecondBlockSlot, step_rows * tile_cols);
+  const Index stage2_tasks = grad_weight != nullptr ? plan.weight_tiles : 0;
+  const Index tile_cols = plan.weight_tile_max_cols;
+  const Index step_rows = std::max<Index>(1, std::min(N, kRowsPerWeightStep));
+  const detail::ThreadWorkspace<T> acc_space(detail::kBlockSlot, p * tile_cols);
+  const detail::ThreadWorkspace<T> w2_space(detail::kSecondBlockSlot, step_rows * tile_cols);
 
-    detail::parallel_for(tiles, team, [&](Index tile, int worker) {
-      const Index c0 = plan.weight_tile_begin(tile), c1 = plan.weight_tile_begin(tile + 1);
-      const Index width = c1 - c0;
-      MatrixView<T> acc(acc_space[worker], p, width);
-      if (N == 0) acc.setZero();  // empty batch sum
-      for (Index k0 = 0; k0 < N; k0 += step_rows) {
-        if (detail::stop_requested()) return;
-        const Index rows = std::min(step_rows, N - k0);
-        MatrixView<T> w(w_space[worker], rows, width);
-        fill_w<T>(dz.middleRows(k0, rows), Q.middleRows(k0, rows), c0, c1, q, w);
-        detail::gemm(acc, P.middleRows(k0, rows).transpose(), w, /*accumulate=*/k0 != 0);
+  auto stage2_task = [&](Index tile, int worker) {
+    const Index c0 = plan.weight_tile_begin(tile), c1 = plan.weight_tile_begin(tile + 1);
+    const Index width = c1 - c0;
+    MatrixView<T> acc(acc_space[worker], p, width);
+    if (N == 0) acc.setZero();  // empty batch sum
+    for (Index k0 = 0; k0 < N; k0 += step_rows) {
+      if (detail::stop_requested()) return;
+      const Index rows = std::min(step_rows, N - k0);
+      MatrixView<T> w(w2_space[worker], rows, width);
+      fill_w<T>(dz.middleRows(k0, rows), Q.middleRows(k0, rows), c0, c1, q, w);
+      detail::gemm(acc, P.middleRows(k0, rows).transpose(), w, /*accumulate=*/k0 != 0);
+    }
+    // Scatter the tile back to the (L, in1, in2) layout.
+    for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
+      if (!plan.swapped) {  // dA[l] is p x q
+        MatrixView<T>(grad_weight + l * p * q, p, q).middleCols(j, len) =
+            acc.middleCols(c - c0, len);
+      } else {  // dA[l] is q x p
+        MatrixView<T>(grad_weight + l * p * q, q, p).middleRows(j, len) =
+            acc.middleCols(c - c0, len).transpose();
       }
-      // Scatter the tile back to the (L, in1, in2) layout.
-      for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
-        if (!plan.swapped) {  // dA[l] is p x q
-          MatrixView<T>(grad_weight + l * p * q, p, q).middleCols(j, len) =
-              acc.middleCols(c - c0, len);
-        } else {  // dA[l] is q x p
-          MatrixView<T>(grad_weight + l * p * q, q, p).middleRows(j, len) =
-              acc.middleCols(c - c0, len).transpose();
-        }
-      });
     });
+  };
+
+  const Index tasks = stage1_tasks + stage2_tasks;
+  const int team = serial ? 1 : detail::team_for(tasks, num_threads);
+  detail::parallel_for(tasks, team, [&](Index task, int worker) {
+    if (task < stage1_tasks) {
+      stage1_task(task, worker);
+    } else {
+      stage2_task(task - stage1_tasks, worker);
+    }
+  });
+
+  if (extra > 0) {
+    // Add the groups' partial sums in group order, row block by row block.
+    detail::parallel_for(
+        blocks, serial ? 1 : detail::team_for(blocks, num_threads), [&](Index block, int) {
+          const Index k0 = block * plan.rows_per_block;
+          const Index rows = std::min(plan.rows_per_block, N - k0);
+          for (Index g = 1; g < groups; ++g) {
+            if (grad_p != nullptr) {
+              MatrixView<T>(grad_p + k0 * p, rows, p) +=
+                  ConstMatrixView<T>(partial_p.data() + (g - 1) * N * p + k0 * p, rows, p);
+            }
+            if (grad_q != nullptr) {
+              MatrixView<T>(grad_q + k0 * q, rows, q) +=
+                  ConstMatrixView<T>(partial_q.data() + (g - 1) * N * q + k0 * q, rows, q);
+            }
+          }
+        });
   }
 }
 

@@ -59,6 +59,8 @@ struct ProcessState {
   std::atomic<int> setting{0};  // 0: not set, follow the process default
   std::atomic<bool> team_started{false};
   std::atomic<bool> forked_child{false};
+  // steady_clock time (ns since its epoch) until which calls count as contended.
+  std::atomic<long long> contended_until_ns{0};
   std::atomic<long long> blas_calls{0};
   std::atomic<bool> blas_sharing{false};
   std::atomic<unsigned long long> loaded_objects_seen{0};
@@ -275,6 +277,29 @@ void note_team_started() {
   if (!g_state->team_started.load(std::memory_order_relaxed)) {
     g_state->team_started.store(true, std::memory_order_relaxed);
   }
+}
+
+// A worker absent for this long at the end of a region was descheduled, not just slow to
+// wake (a sleeping thread on an idle core wakes in tens of microseconds).
+constexpr std::chrono::microseconds kAbsentWait{150};
+// How long small calls then run on the calling thread before they try threads again.
+constexpr std::chrono::milliseconds kContendedFor{50};
+
+void note_worker_absent(std::chrono::steady_clock::duration wait) {
+  if (wait < kAbsentWait) return;
+  const auto until = std::chrono::steady_clock::now() + kContendedFor;
+  g_state->contended_until_ns.store(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(until.time_since_epoch()).count(),
+      std::memory_order_relaxed);
+}
+
+bool contended() {
+  const long long until = g_state->contended_until_ns.load(std::memory_order_relaxed);
+  if (until == 0) return false;
+  const long long now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch())
+                            .count();
+  return now < until;
 }
 
 bool in_forked_child() { return g_state->forked_child.load(std::memory_order_relaxed); }

@@ -158,6 +158,7 @@ def main():
     parser.add_argument("--variants", default="long,short")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="linmaps' threads (default: all)")
     args = parser.parse_args()
     if args.envs:
         for name, extra in ENVIRONMENTS.items():
@@ -165,11 +166,13 @@ def main():
             env = {k: v for k, v in os.environ.items() if k not in _VARIABLES}
             env.update(extra)
             argv = [sys.argv[0], "--variants", args.variants, "--reps", str(args.reps)]
-            argv += ["--rounds", str(args.rounds)]
+            argv += ["--rounds", str(args.rounds), "--threads", str(args.threads)]
             subprocess.run([sys.executable, *argv], env=env, check=True)
         return
     import linmaps
 
+    if args.threads:
+        linmaps.set_num_threads(args.threads)
     print(f"  uptime: {os.getloadavg()[0]:.2f}; linmaps {linmaps.__version__}", flush=True)
     for variant in args.variants.split(","):
         reps = args.reps if variant == "long" else args.reps * 20

@@ -41,6 +41,33 @@ def get_thread_setting() -> int:
 def team_size() -> int:
     """Size of the OpenMP team a kernel's parallel region would get now from this thread."""
 
+def thread_cap() -> int:
+    """The most threads a call ever uses (4 per usable CPU)."""
+
+def openmp_default() -> int:
+    """OpenMP's process default thread count, as read at import."""
+
+def in_forked_child() -> bool:
+    """Whether this is a forked child of a process that had started OpenMP threads."""
+
+def blas_install(path: str) -> str:
+    """Give the loaded OpenBLAS at `path` the threads callback; the setter's name, or ''."""
+
+def blas_set_sharing(enable: bool) -> None:
+    """Share the BLAS pool with every OpenBLAS loaded now and later, or take it back."""
+
+def blas_refresh() -> None:
+    """When sharing, give the callback to OpenBLAS libraries loaded since the last look."""
+
+def blas_uninstall() -> None:
+    """Give every OpenBLAS its own threads back."""
+
+def blas_installed() -> list[tuple[str, str]]:
+    """(path, setter symbol) of every OpenBLAS whose parallel calls run on linmaps' pool."""
+
+def blas_calls() -> int:
+    """Number of BLAS calls the callback has run (diagnostics and tests)."""
+
 @overload
 def linear_forward(
     x: npt.NDArray[np.float32],

@@ -57,6 +57,8 @@ void bind_threads(py::module_& m) {
         "or take it back from all (False).");
   m.def("blas_refresh", &threads::blas_refresh,
         "When sharing, give the callback to OpenBLAS libraries loaded since the last look.");
+  m.def("blas_looked", &threads::blas_looked,
+        "Whether a threaded call has looked for OpenBLAS libraries since sharing began.");
   m.def("blas_uninstall", &threads::blas_uninstall,
         "Give every library back its own threads (call when no other thread is in a BLAS "
         "call).");

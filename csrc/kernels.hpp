@@ -143,6 +143,8 @@ void blas_set_sharing(bool enable);
 // When sharing: give the callback to OpenBLAS libraries loaded since the last look (cheap
 // when none was: one look at the dynamic loader's count of loaded objects).
 void blas_refresh();
+// Whether blas_refresh has looked for libraries since sharing was switched on.
+bool blas_looked();
 void blas_uninstall();
 std::vector<std::pair<std::string, std::string>> blas_installed();
 long long blas_calls();

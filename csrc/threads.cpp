@@ -379,6 +379,8 @@ void blas_refresh() {
   for (const auto& path : loaded_openblas_paths()) blas_install(path);
 }
 
+bool blas_looked() { return g_state->loaded_objects_seen.load(std::memory_order_relaxed) != 0; }
+
 long long blas_calls() { return g_state->blas_calls.load(std::memory_order_relaxed); }
 
 }  // namespace threads

@@ -96,6 +96,8 @@ NUMPY_PRODUCTS = """
 
     rng = np.random.default_rng(0)
     digest = hashlib.sha256()
+    x = np.ones((512, 512), np.float32)
+    linmaps.linear(x, x)  # linmaps' first threaded call: NumPy's BLAS joins its pool now
     before = cb._core.blas_calls()
     for dtype in (np.float32, np.float64):
         for n, k, m in ((512, 512, 512), (300, 1000, 200), (2000, 64, 700), (64, 64, 64)):
@@ -118,6 +120,33 @@ def test_numpy_results_unchanged_by_the_shared_pool():
     assert int(native_libs) == 0 and int(native_calls) == 0
     # ... and computed the same bits.
     assert shared_digest == native_digest
+
+
+def test_blas_pool_shared_from_the_first_threaded_call_only():
+    # Importing linmaps leaves OpenBLAS as it was; linmaps' first call that uses threads
+    # gives it the callback.
+    out = run_script(
+        """
+        import numpy as np
+        import linmaps
+        from linmaps import _cpp_backend as cb
+        a = np.ones((600, 600), np.float32)
+        a @ a
+        print(len(cb._core.blas_installed()), cb._core.blas_calls())
+        print(linmaps._config.config()["blas_threads"])
+        linmaps.linear(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32))  # serial
+        print(len(cb._core.blas_installed()))
+        linmaps.linear(a, a)
+        a @ a
+        print(len(cb._core.blas_installed()), cb._core.blas_calls())
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "0 0"
+    assert lines[1] == "OpenBLAS's own threads until linmaps' first threaded call"
+    assert lines[2] == "0"
+    installed, calls = map(int, lines[3].split())
+    assert installed >= 1 and calls >= 1
 
 
 def test_share_blas_threads_switches_and_shows_in_config():
@@ -163,7 +192,7 @@ def test_bad_blas_threads_variable_warns():
         env={"LINMAPS_BLAS_THREADS": "sometimes"},
     )
     assert "LINMAPS_BLAS_THREADS='sometimes' is neither 'shared' nor 'native'" in out
-    assert "shared with linmaps" in out
+    assert "until linmaps' first threaded call" in out
 
 
 def test_concurrent_numpy_and_linmaps_calls_from_threads():

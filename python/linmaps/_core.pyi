@@ -59,6 +59,9 @@ def blas_set_sharing(enable: bool) -> None:
 def blas_refresh() -> None:
     """When sharing, give the callback to OpenBLAS libraries loaded since the last look."""
 
+def blas_looked() -> bool:
+    """Whether a threaded call has looked for OpenBLAS libraries since sharing began."""
+
 def blas_uninstall() -> None:
     """Give every OpenBLAS its own threads back."""
 

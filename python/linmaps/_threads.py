@@ -13,8 +13,10 @@ Two measures, both described in docs/performance.md ("Mixing linmaps with NumPy'
   linmaps gives every OpenBLAS loaded in the process (NumPy's, SciPy's) a callback that runs
   each call's jobs on linmaps' OpenMP team, one job per thread. OpenBLAS still decides how
   many jobs and how to split the work, so NumPy's results are unchanged; its own threads,
-  never woken again, sleep. ``LINMAPS_BLAS_THREADS=native`` (read at import) leaves OpenBLAS
-  alone; :func:`linmaps.share_blas_threads` switches at run time.
+  never woken again, sleep. This starts at linmaps' first call that uses threads, so a
+  program that imports linmaps but never calls it keeps OpenBLAS as it was.
+  ``LINMAPS_BLAS_THREADS=native`` (read at import) leaves OpenBLAS alone;
+  :func:`linmaps.share_blas_threads` switches at run time.
 """
 
 from __future__ import annotations
@@ -98,10 +100,16 @@ def _env_mode() -> str:
 
 
 def setup(core) -> None:
-    """At import: share the BLAS pool unless LINMAPS_BLAS_THREADS=native."""
-    global _core
+    """At import: share the BLAS pool unless LINMAPS_BLAS_THREADS=native.
+
+    Sharing starts at linmaps' first call that uses threads (the C++ side gives the callback
+    to the OpenBLAS libraries then): a program that imports linmaps but never calls it keeps
+    OpenBLAS exactly as it was.
+    """
+    global _core, _shared
     _core = core
-    set_shared(_env_mode() == "shared")
+    _shared = _env_mode() == "shared"
+    _core.blas_set_sharing(_shared)
 
 
 def set_shared(enable: bool) -> None:
@@ -132,6 +140,8 @@ def describe() -> str:
         return "OpenBLAS's own threads (forked child of a process with OpenMP threads)"
     if not _shared:
         return "OpenBLAS's own threads (LINMAPS_BLAS_THREADS=native or share_blas_threads(False))"
+    if _openblas_loaded() and not _core.blas_looked():
+        return "OpenBLAS's own threads until linmaps' first threaded call"
     if _openblas_loaded():
         return "OpenBLAS's own threads (no threads callback in this OpenBLAS; 0.3.27+ has one)"
     return "no OpenBLAS loaded"

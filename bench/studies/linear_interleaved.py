@@ -1,12 +1,13 @@
 """linmaps' linear kernels against NumPy's own products, interleaved call by call.
 
-    OPENBLAS_THREAD_TIMEOUT=4 python bench/studies/linear_interleaved.py [NxINxOUT ...]
+    python bench/studies/linear_interleaved.py [NxINxOUT ...]
 
 Prints NumPy time / linmaps time (above 1: linmaps is faster) and both GFLOP/s for the
 forward (``x @ w.T + b``), grad_x alone (``g @ w``), grad_weight alone (``g.T @ x``) and the
 whole backward (plus ``g.sum(0)``), float32, medians over alternating calls. Alternating in
-one process cancels most machine noise, but OpenBLAS's idle threads then spin while linmaps
-runs: run it with OPENBLAS_THREAD_TIMEOUT=4 (docs/kernels.md, section 8).
+one process cancels most machine noise. Since NumPy's BLAS runs on linmaps' threads
+(docs/kernels.md, section 5) the two no longer fight; before, this needed
+OPENBLAS_THREAD_TIMEOUT=4.
 """
 
 import sys

@@ -29,9 +29,9 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
   const T* bias_data = bias ? bias->data() : nullptr;
   const T *x1_data = x1.data(), *x2_data = x2.data(), *weight_data = weight.data();
   T* z_data = z.mutable_data();
-  const int num_threads =
-      binding::threads_for(binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
-  binding::CallScope call;
+  const double flops = binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out});
+  const int num_threads = binding::threads_for(flops);
+  binding::CallScope call(flops);
   {
     py::gil_scoped_release release;
     bilinear_forward<T>(x1_data, x2_data, weight_data, bias_data, z_data, shape, num_threads);
@@ -59,9 +59,9 @@ py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const A
   T* grad_x2_data = binding::data_or_null(need_x2, grad_x2);
   T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
   T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
-  const int num_threads =
-      binding::threads_for(binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out}));
-  binding::CallScope call;
+  const double flops = binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out});
+  const int num_threads = binding::threads_for(flops);
+  binding::CallScope call(flops);
   {
     py::gil_scoped_release release;
     bilinear_backward<T>(grad_data, x1_data, x2_data, weight_data, grad_x1_data, grad_x2_data,

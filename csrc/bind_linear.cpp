@@ -21,9 +21,9 @@ Array<T> linear_forward_py(const Array<T>& x, const Array<T>& weight,
   const T* bias_data = bias ? bias->data() : nullptr;
   const T *x_data = x.data(), *weight_data = weight.data();
   T* y_data = y.mutable_data();
-  const int num_threads =
-      binding::threads_for(binding::product_flops({shape.batch, shape.in, shape.out}));
-  binding::CallScope call;
+  const double flops = binding::product_flops({shape.batch, shape.in, shape.out});
+  const int num_threads = binding::threads_for(flops);
+  binding::CallScope call(flops);
   {
     py::gil_scoped_release release;
     linear_forward<T>(x_data, weight_data, bias_data, y_data, shape, num_threads);
@@ -49,9 +49,9 @@ py::tuple linear_backward_py(const Array<T>& grad, const Array<T>& x, const Arra
   T* grad_x_data = binding::data_or_null(need_x, grad_x);
   T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
   T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
-  const int num_threads =
-      binding::threads_for(binding::product_flops({shape.batch, shape.in, shape.out}));
-  binding::CallScope call;
+  const double flops = binding::product_flops({shape.batch, shape.in, shape.out});
+  const int num_threads = binding::threads_for(flops);
+  binding::CallScope call(flops);
   {
     py::gil_scoped_release release;
     linear_backward<T>(grad_data, x_data, weight_data, grad_x_data, grad_weight_data,

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <exception>
 #include <limits>
 #include <stdexcept>
@@ -214,14 +215,36 @@ inline int worker_id() {
 // rest of the work; the binding raises instead of returning the (incomplete) outputs.
 // Skipping never reads out of bounds: the outputs and scratch of skipped tasks are just left
 // unset, and they are discarded.
+// A clock cheap enough to read between tasks of a microsecond call: the kernel's tick-based
+// CLOCK_MONOTONIC_COARSE (a few ns through the vDSO; a few ms of resolution, plenty for a
+// 50 ms poll interval).
+inline std::int64_t coarse_now_ns() {
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+  return std::int64_t(now.tv_sec) * 1000000000 + now.tv_nsec;
+}
+
 struct CallStop {
   using Poll = bool (*)();
-  static constexpr std::chrono::milliseconds kPollInterval{50};
+  static constexpr std::int64_t kPollIntervalNs = 50000000;  // 50 ms
   explicit CallStop(Poll poll_fn)
-      : poll(poll_fn), next_poll(std::chrono::steady_clock::now() + kPollInterval) {}
+      : poll(poll_fn), next_poll_ns(coarse_now_ns() + kPollIntervalNs) {}
   std::atomic<bool> stopped{false};
   Poll poll;
-  std::chrono::steady_clock::time_point next_poll;
+  std::int64_t next_poll_ns;
+
+  // Whether the call should stop; `caller`: the current thread is the calling thread, which
+  // polls when it is time.
+  bool check(bool caller) {
+    if (caller && poll != nullptr && !stopped.load(std::memory_order_relaxed)) {
+      const std::int64_t now = coarse_now_ns();
+      if (now >= next_poll_ns) {
+        next_poll_ns = now + kPollIntervalNs;
+        if (poll()) stopped.store(true, std::memory_order_relaxed);
+      }
+    }
+    return stopped.load(std::memory_order_relaxed);
+  }
 };
 
 // The CallStop of the call the current thread works for (the calling thread's is set by the
@@ -233,15 +256,7 @@ inline thread_local bool t_is_caller = false;
 // Whether the current call should stop; on the calling thread, also polls when it is time.
 inline bool stop_requested() {
   CallStop* stop = t_call_stop;
-  if (stop == nullptr) return false;
-  if (t_is_caller && stop->poll != nullptr && !stop->stopped.load(std::memory_order_relaxed)) {
-    const auto now = std::chrono::steady_clock::now();
-    if (now >= stop->next_poll) {
-      stop->next_poll = now + CallStop::kPollInterval;
-      if (stop->poll()) stop->stopped.store(true, std::memory_order_relaxed);
-    }
-  }
-  return stop->stopped.load(std::memory_order_relaxed);
+  return stop != nullptr && stop->check(t_is_caller);
 }
 
 // Runs body(task, worker) for task in [0, num_tasks), worker in [0, team). Tasks are handed
@@ -252,7 +267,12 @@ inline bool stop_requested() {
 template <class Body>
 void parallel_for(Index num_tasks, int team, Body&& body) {
   if (team <= 1 || num_tasks <= 1) {
-    for (Index task = 0; task < num_tasks && !stop_requested(); ++task) body(task, 0);
+    CallStop* const stop = t_call_stop;
+    const bool caller = t_is_caller;
+    for (Index task = 0; task < num_tasks; ++task) {
+      if (stop != nullptr && stop->check(caller)) break;
+      body(task, 0);
+    }
     return;
   }
   threads::note_team_started();

@@ -100,12 +100,17 @@ inline bool poll_python_signals() {
 // calling thread's oversized scratch afterwards (detail::trim_thread_scratch).
 class CallScope {
  public:
-  CallScope()
-      : stop_(PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals : nullptr) {
+  // A call under kSerialFlops takes microseconds and its scratch is small: no poll, no trim.
+  explicit CallScope(double flops)
+      : active_(flops >= detail::kSerialFlops),
+        stop_(active_ && PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals
+                                                                            : nullptr) {
+    if (!active_) return;
     detail::t_call_stop = &stop_;
     detail::t_is_caller = true;
   }
   ~CallScope() {
+    if (!active_) return;
     detail::t_call_stop = nullptr;
     detail::t_is_caller = false;
     detail::trim_thread_scratch();
@@ -120,6 +125,7 @@ class CallScope {
   }
 
  private:
+  bool active_;
   detail::CallStop stop_;
 };
 

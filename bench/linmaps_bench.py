@@ -545,56 +545,63 @@ class Oracle:
         with linmaps.use_backend("python"):
             values = python.operation(case, "fwd+bwd", exact)()
             magnitudes = python.operation(case, "fwd+bwd", absolute)()
-        finfo = np.finfo(dtype)
         lengths = case.sum_lengths()
-        self.expected = {}
-        for name, value, magnitude in zip(case.output_names("fwd+bwd"), values, magnitudes):
-            k = lengths[name]
-            tolerance = magnitude * (TOLERANCE_FACTOR * (math.sqrt(k) + 2) * finfo.eps)
-            tolerance += finfo.eps * np.abs(value)
-            tolerance += (k + 2) * finfo.tiny
-            self.expected[name] = (value, tolerance)
+        self.expected = {
+            name: _expected(value, magnitude, lengths[name], dtype)
+            for name, value, magnitude in zip(case.output_names("fwd+bwd"), values, magnitudes)
+        }
 
     def check(self, op: str, outputs) -> CheckResult:
         """Compare a backend's outputs for ``op`` (in ``Case.output_names(op)`` order)."""
-        names = self.case.output_names(op)
-        if len(outputs) != len(names):
+        return check_outputs(self.expected, self.case.output_names(op), outputs)
+
+
+def _expected(value, magnitude, k: int, dtype) -> tuple:
+    """``(value, tolerance)`` of an output whose entries are sums of ``k`` terms (Oracle)."""
+    finfo = np.finfo(dtype)
+    tolerance = magnitude * (TOLERANCE_FACTOR * (math.sqrt(k) + 2) * finfo.eps)
+    tolerance += finfo.eps * np.abs(value)
+    tolerance += (k + 2) * finfo.tiny
+    return value, tolerance
+
+
+def check_outputs(expected: dict, names, outputs) -> CheckResult:
+    """Compare ``outputs`` (in ``names`` order) with ``expected[name] = (value, tolerance)``."""
+    if len(outputs) != len(names):
+        return CheckResult(
+            False,
+            f"expected {len(names)} outputs ({', '.join(names)}), got {len(outputs)}",
+            None,
+        )
+    worst = 0.0
+    for name, actual in zip(names, outputs):
+        if actual is None:
+            return CheckResult(False, f"{name}: missing (None)", None)
+        value, tolerance = expected[name]
+        if actual.shape != value.shape:
+            return CheckResult(False, f"{name}: shape {actual.shape}, expected {value.shape}", None)
+        ratio = actual.astype(np.float64)  # in place from here: outputs reach 16M entries
+        ratio -= value
+        np.abs(ratio, out=ratio)
+        ratio /= tolerance
+        if not np.isfinite(ratio).all():  # NaN or inf where the oracle is finite
+            bad = int(np.count_nonzero(~np.isfinite(ratio)))
+            return CheckResult(False, f"wrong result: {name}: {bad} non-finite entries", None)
+        if ratio.size == 0:
+            continue
+        index = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        worst_here = float(ratio[index])
+        worst = max(worst, worst_here)
+        if worst_here > 1:
+            bad = int(np.count_nonzero(ratio > 1))
             return CheckResult(
                 False,
-                f"expected {len(names)} outputs ({', '.join(names)}), got {len(outputs)}",
-                None,
+                f"wrong result: {name}: {bad} of {ratio.size} entries outside the "
+                f"tolerance; worst at {tuple(map(int, index))}: got {actual[index]:.6g}, "
+                f"expected {value[index]:.6g} ({worst_here:.3g}x the tolerance)",
+                worst_here,
             )
-        worst = 0.0
-        for name, actual in zip(names, outputs):
-            value, tolerance = self.expected[name]
-            if actual is None:
-                return CheckResult(False, f"{name}: missing (None)", None)
-            if actual.shape != value.shape:
-                return CheckResult(
-                    False, f"{name}: shape {actual.shape}, expected {value.shape}", None
-                )
-            ratio = actual.astype(np.float64)  # in place from here: outputs reach 16M entries
-            ratio -= value
-            np.abs(ratio, out=ratio)
-            ratio /= tolerance
-            if not np.isfinite(ratio).all():  # NaN or inf where the oracle is finite
-                bad = int(np.count_nonzero(~np.isfinite(ratio)))
-                return CheckResult(False, f"wrong result: {name}: {bad} non-finite entries", None)
-            if ratio.size == 0:
-                continue
-            index = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-            worst_here = float(ratio[index])
-            worst = max(worst, worst_here)
-            if worst_here > 1:
-                bad = int(np.count_nonzero(ratio > 1))
-                return CheckResult(
-                    False,
-                    f"wrong result: {name}: {bad} of {ratio.size} entries outside the "
-                    f"tolerance; worst at {tuple(map(int, index))}: got {actual[index]:.6g}, "
-                    f"expected {value[index]:.6g} ({worst_here:.3g}x the tolerance)",
-                    worst_here,
-                )
-        return CheckResult(True, "", worst)
+    return CheckResult(True, "", worst)
 
 
 # ----------------------------------------------------------------------------- settings

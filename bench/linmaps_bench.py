@@ -18,6 +18,11 @@ and tested. The flow of :func:`run_suite`:
 4. The reference rate, a 2048x2048 ``numpy.matmul``, is timed at the start and at the end.
 5. The first (checked) backward call of each case doubles as the measurement of the
    backend's peak extra memory in its worker (see :data:`MEMORY_METHOD`).
+6. The mixed cases (:class:`MixedCase`) run after the others, on the linmaps backends only:
+   the worker runs one training step that alternates NumPy products and linmaps calls
+   (:class:`MixedStep`), sends its outputs back for the check (:func:`check_mixed`), then
+   times the NumPy part, the linmaps part and the alternating step in rounds
+   (:func:`time_mixed`); the record's ``ratio`` is ``(t_numpy + t_linmaps) / t_alternating``.
 
 The result is one JSON-ready dict (:data:`SCHEMA`); ``bench_report`` turns it into tables and
 a chart.
@@ -157,6 +162,54 @@ class Case:
         }
 
 
+@dataclass(frozen=True)
+class MixedCase:
+    """One training step of a small NumPy model that alternates NumPy products and linmaps.
+
+    ``dims`` is ``(N, in, hidden, in2, out)``: a NumPy ``Linear``-like layer ``in -> hidden``
+    on a batch of ``N`` (``x @ W.T``, ReLU, and its weight gradient as a NumPy product) feeding
+    a linmaps bilinear layer ``(hidden x in2) -> out`` (forward and backward). ``name`` gives
+    the default cases their ids (``mixed-long``); a custom size is ``mixed-NxINxHxIN2xOUT``.
+    """
+
+    dims: tuple
+    name: str | None = None
+
+    kind = "mixed"  # not a field: the same for every mixed case
+    names = ("N", "in", "hidden", "in2", "out")
+
+    def __post_init__(self):
+        if len(self.dims) != 5 or any(int(d) < 1 for d in self.dims):
+            raise ValueError(f"a mixed case needs 5 positive sizes, got {self.dims}")
+
+    @property
+    def id(self) -> str:
+        return f"mixed-{self.name}" if self.name else "mixed-" + "x".join(map(str, self.dims))
+
+    def describe(self) -> str:
+        n, n_in, hidden, in2, n_out = self.dims
+        return (
+            f"N={n}; NumPy layer {n_in}->{hidden} (x @ W.T, ReLU, weight gradient), "
+            f"linmaps bilinear {hidden}x{in2}->{n_out} (forward, backward)"
+        )
+
+    def flops(self) -> dict:
+        """Nominal flops of each part of one step: two NumPy products; the bilinear forward
+        and its backward without ``grad_x2`` (``grad_x1`` and ``grad_weight``)."""
+        n, n_in, hidden, in2, n_out = self.dims
+        return {"numpy": 4 * n * n_in * hidden, "linmaps": 6 * n * hidden * in2 * n_out}
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "dims": list(self.dims),
+            "dim_names": list(self.names),
+            "description": self.describe(),
+            "flops": self.flops(),
+        }
+
+
 DEFAULT_CASES = (
     Case("bilinear", (1, 16, 16, 8)),
     Case("bilinear", (256, 64, 64, 64)),
@@ -169,15 +222,20 @@ DEFAULT_CASES = (
     Case("linear", (4096, 1024, 1024)),
     Case("linear", (64, 4096, 4096)),
     Case("linear", (16384, 128, 128)),
+    # A training step alternating NumPy and linmaps, each part 1-20 ms ...
+    MixedCase((1024, 1024, 128, 64, 32), "long"),
+    # ... and with short calls, each part tens of microseconds.
+    MixedCase((32, 64, 64, 64, 8), "short"),
 )
+KINDS = ("linear", "bilinear", "mixed")
 
-_CUSTOM_CASE = re.compile(r"^(linear|bilinear):(\d+(?:x\d+)+)$")
+_CUSTOM_CASE = re.compile(r"^(linear|bilinear|mixed):(\d+(?:x\d+)+)$")
 
 
-def _case_matches(case: Case, token: str) -> bool:
-    if token in FLOP_FACTORS:
+def _case_matches(case, token: str) -> bool:
+    if token in KINDS:
         return case.kind == token
-    if token.startswith(tuple(FLOP_FACTORS)):  # "linear-1x" must not pick "bilinear-1x..."
+    if token.startswith(KINDS):  # "linear-1x" must not pick "bilinear-1x..."
         return case.id.startswith(token)
     return token in case.id
 
@@ -185,10 +243,10 @@ def _case_matches(case: Case, token: str) -> bool:
 def select_cases(spec: str | None, cases=DEFAULT_CASES) -> list:
     """The cases named by ``spec``, a comma-separated list of tokens, in ``cases`` order.
 
-    A token is a kind (``linear`` or ``bilinear``: every case of that kind), a custom size
-    (``bilinear:8x4x4x2``, ``linear:8x16x4``, added after the defaults) or any part of a case id
-    (``1024x``; a part that starts with a kind, ``linear-1x``, must start the id). ``None`` or
-    an empty spec selects every case.
+    A token is a kind (``linear``, ``bilinear`` or ``mixed``: every case of that kind), a
+    custom size (``bilinear:8x4x4x2``, ``linear:8x16x4``, ``mixed:8x16x8x4x2``, added after the
+    defaults) or any part of a case id (``1024x``; a part that starts with a kind,
+    ``linear-1x``, must start the id). ``None`` or an empty spec selects every case.
     """
     if not spec or not spec.strip():
         return list(cases)
@@ -198,14 +256,15 @@ def select_cases(spec: str | None, cases=DEFAULT_CASES) -> list:
             continue
         match = _CUSTOM_CASE.match(token)
         if match:
-            custom.append(Case(match.group(1), tuple(int(d) for d in match.group(2).split("x"))))
+            kind, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+            custom.append(MixedCase(dims) if kind == "mixed" else Case(kind, dims))
             continue
         hits = [c for c in cases if _case_matches(c, token)]
         if not hits:
             raise ValueError(
                 f"--cases: {token!r} matches no case; the cases are "
                 f"{', '.join(c.id for c in cases)} (or give one as "
-                "'bilinear:NxIN1xIN2xOUT' / 'linear:NxINxOUT')"
+                "'bilinear:NxIN1xIN2xOUT' / 'linear:NxINxOUT' / 'mixed:NxINxHIDDENxIN2xOUT')"
             )
         chosen.extend(hits)
     picked = [c for c in cases if c in chosen] + custom
@@ -228,6 +287,85 @@ def make_inputs(case: Case, dtype, seed: int = 0) -> dict:
     return inputs
 
 
+def make_mixed_inputs(case: MixedCase, dtype, seed: int = 0) -> dict:
+    """Seeded inputs of a mixed case, all of ``dtype`` (weights scaled by 1/sqrt(fan-in))."""
+    rng = np.random.default_rng([seed, zlib.crc32(case.id.encode())])
+    dtype = np.dtype(dtype)
+    n, n_in, hidden, in2, n_out = case.dims
+    shapes = {
+        "x": ((n, n_in), 1.0),
+        "w1": ((hidden, n_in), 1.0 / math.sqrt(n_in)),
+        "x2": ((n, in2), 1.0),
+        "weight": ((n_out, hidden, in2), 1.0 / math.sqrt(hidden * in2)),
+        "bias": ((n_out,), 1.0 / math.sqrt(hidden * in2)),
+        "grad_z": ((n, n_out), 1.0),
+    }
+    inputs = {}
+    for name, (shape, scale) in shapes.items():
+        array = rng.standard_normal(shape, dtype=dtype)
+        array *= scale  # in place: stays of ``dtype`` (``array / np.sqrt(k)`` would not, NEP 50)
+        inputs[name] = array
+    return inputs
+
+
+class MixedStep:
+    """One training step of a mixed case, as four calls that keep their results.
+
+    NumPy part: ``numpy_forward`` (``pre = x @ W1.T``, ``h = relu(pre)``) and
+    ``numpy_backward`` (``grad_W1 = (grad_h * (pre > 0)).T @ x``). linmaps part:
+    ``linmaps_forward`` (``z = linmaps.bilinear(h, x2, A, b)``) and ``linmaps_backward``
+    (``linmaps.bilinear_backward(grad_z, h, x2, A, need_x2=False)``: ``grad_h``, and the
+    layer's weight and bias gradients). The alternating step runs them in a program's order;
+    each part alone runs on the values the last step left (the same shapes and work).
+    """
+
+    output_names = ("pre", "z", "grad_h", "grad_weight", "grad_w1")
+
+    def __init__(self, inputs: dict):
+        self.inputs = inputs
+        self.pre = self.h = self.mask = self.z = self.grad_h = None
+        self.grad_weight = self.grad_bias = self.grad_w1 = None
+        self.parts = {
+            "numpy": (self.numpy_forward, self.numpy_backward),
+            "linmaps": (self.linmaps_forward, self.linmaps_backward),
+            "alternating": (
+                self.numpy_forward,
+                self.linmaps_forward,
+                self.linmaps_backward,
+                self.numpy_backward,
+            ),
+        }
+
+    def numpy_forward(self) -> None:
+        a = self.inputs
+        self.pre = a["x"] @ a["w1"].T
+        self.h = np.maximum(self.pre, 0)
+        self.mask = self.pre > 0
+
+    def numpy_backward(self) -> None:
+        self.grad_w1 = (self.grad_h * self.mask).T @ self.inputs["x"]
+
+    def linmaps_forward(self) -> None:
+        a = self.inputs
+        self.z = linmaps.bilinear(self.h, a["x2"], a["weight"], a["bias"])
+
+    def linmaps_backward(self) -> None:
+        a = self.inputs
+        grads = linmaps.bilinear_backward(a["grad_z"], self.h, a["x2"], a["weight"], need_x2=False)
+        self.grad_h, self.grad_weight, self.grad_bias = (
+            grads.grad_x1,
+            grads.grad_weight,
+            grads.grad_bias,
+        )
+
+    def run(self, part: str) -> None:
+        for call in self.parts[part]:
+            call()
+
+    def outputs(self) -> list:
+        return [getattr(self, name) for name in self.output_names]
+
+
 # ----------------------------------------------------------------------------- backends
 
 
@@ -243,6 +381,9 @@ class Backend:
     # Builtin backends are re-created by name in the memory subprocess; a backend registered at
     # run time (a test's deliberately broken one) exists only in this process.
     builtin = False
+    # The mixed cases time linmaps' own functions inside a NumPy program, with the linmaps
+    # backend that ``context`` selects; other implementations have no part in them.
+    runs_mixed = False
 
     def unavailable_reason(self) -> str | None:
         """None if the backend can run here, else why not."""
@@ -315,6 +456,7 @@ class LinmapsBackend(FunctionalBackend):
     """``linmaps``'s public functions with one of its backends (``cpp`` or ``python``) active."""
 
     builtin = True
+    runs_mixed = True
 
     def __init__(self, name):
         super().__init__(
@@ -448,6 +590,7 @@ class ThreadCountBackend(Backend):
         self.base, self.threads = base, threads
         self.name = f"{base.name}/{threads}"
         self.builtin = base.builtin
+        self.runs_mixed = base.runs_mixed
 
     def unavailable_reason(self):
         return self.base.unavailable_reason()
@@ -545,56 +688,105 @@ class Oracle:
         with linmaps.use_backend("python"):
             values = python.operation(case, "fwd+bwd", exact)()
             magnitudes = python.operation(case, "fwd+bwd", absolute)()
-        finfo = np.finfo(dtype)
         lengths = case.sum_lengths()
-        self.expected = {}
-        for name, value, magnitude in zip(case.output_names("fwd+bwd"), values, magnitudes):
-            k = lengths[name]
-            tolerance = magnitude * (TOLERANCE_FACTOR * (math.sqrt(k) + 2) * finfo.eps)
-            tolerance += finfo.eps * np.abs(value)
-            tolerance += (k + 2) * finfo.tiny
-            self.expected[name] = (value, tolerance)
+        self.expected = {
+            name: _expected(value, magnitude, lengths[name], dtype)
+            for name, value, magnitude in zip(case.output_names("fwd+bwd"), values, magnitudes)
+        }
 
     def check(self, op: str, outputs) -> CheckResult:
         """Compare a backend's outputs for ``op`` (in ``Case.output_names(op)`` order)."""
-        names = self.case.output_names(op)
-        if len(outputs) != len(names):
+        return check_outputs(self.expected, self.case.output_names(op), outputs)
+
+
+def _expected(value, magnitude, k: int, dtype) -> tuple:
+    """``(value, tolerance)`` of an output whose entries are sums of ``k`` terms (Oracle)."""
+    finfo = np.finfo(dtype)
+    tolerance = magnitude * (TOLERANCE_FACTOR * (math.sqrt(k) + 2) * finfo.eps)
+    tolerance += finfo.eps * np.abs(value)
+    tolerance += (k + 2) * finfo.tiny
+    return value, tolerance
+
+
+def check_outputs(expected: dict, names, outputs) -> CheckResult:
+    """Compare ``outputs`` (in ``names`` order) with ``expected[name] = (value, tolerance)``."""
+    if len(outputs) != len(names):
+        return CheckResult(
+            False,
+            f"expected {len(names)} outputs ({', '.join(names)}), got {len(outputs)}",
+            None,
+        )
+    worst = 0.0
+    for name, actual in zip(names, outputs):
+        if actual is None:
+            return CheckResult(False, f"{name}: missing (None)", None)
+        value, tolerance = expected[name]
+        if actual.shape != value.shape:
+            return CheckResult(False, f"{name}: shape {actual.shape}, expected {value.shape}", None)
+        ratio = actual.astype(np.float64)  # in place from here: outputs reach 16M entries
+        ratio -= value
+        np.abs(ratio, out=ratio)
+        ratio /= tolerance
+        if not np.isfinite(ratio).all():  # NaN or inf where the oracle is finite
+            bad = int(np.count_nonzero(~np.isfinite(ratio)))
+            return CheckResult(False, f"wrong result: {name}: {bad} non-finite entries", None)
+        if ratio.size == 0:
+            continue
+        index = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        worst_here = float(ratio[index])
+        worst = max(worst, worst_here)
+        if worst_here > 1:
+            bad = int(np.count_nonzero(ratio > 1))
             return CheckResult(
                 False,
-                f"expected {len(names)} outputs ({', '.join(names)}), got {len(outputs)}",
-                None,
+                f"wrong result: {name}: {bad} of {ratio.size} entries outside the "
+                f"tolerance; worst at {tuple(map(int, index))}: got {actual[index]:.6g}, "
+                f"expected {value[index]:.6g} ({worst_here:.3g}x the tolerance)",
+                worst_here,
             )
-        worst = 0.0
-        for name, actual in zip(names, outputs):
-            value, tolerance = self.expected[name]
-            if actual is None:
-                return CheckResult(False, f"{name}: missing (None)", None)
-            if actual.shape != value.shape:
-                return CheckResult(
-                    False, f"{name}: shape {actual.shape}, expected {value.shape}", None
-                )
-            ratio = actual.astype(np.float64)  # in place from here: outputs reach 16M entries
-            ratio -= value
-            np.abs(ratio, out=ratio)
-            ratio /= tolerance
-            if not np.isfinite(ratio).all():  # NaN or inf where the oracle is finite
-                bad = int(np.count_nonzero(~np.isfinite(ratio)))
-                return CheckResult(False, f"wrong result: {name}: {bad} non-finite entries", None)
-            if ratio.size == 0:
-                continue
-            index = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-            worst_here = float(ratio[index])
-            worst = max(worst, worst_here)
-            if worst_here > 1:
-                bad = int(np.count_nonzero(ratio > 1))
-                return CheckResult(
-                    False,
-                    f"wrong result: {name}: {bad} of {ratio.size} entries outside the "
-                    f"tolerance; worst at {tuple(map(int, index))}: got {actual[index]:.6g}, "
-                    f"expected {value[index]:.6g} ({worst_here:.3g}x the tolerance)",
-                    worst_here,
-                )
-        return CheckResult(True, "", worst)
+    return CheckResult(True, "", worst)
+
+
+def check_mixed(case: MixedCase, inputs: dict, outputs) -> CheckResult:
+    """Check the outputs of one alternating step (``MixedStep.output_names`` order).
+
+    Each stage is checked against float64 NumPy (linmaps' python backend) applied to the
+    stage's own inputs as the backend computed them (its ``pre``, hence ``h`` and the ReLU
+    mask, and its ``grad_h``), with the tolerance of :class:`Oracle`: a ReLU mask that rounding
+    flips near 0 does not count as an error, while a wrong NumPy product (say, a BLAS job run
+    twice or not at all on linmaps' threads) or a wrong linmaps result does.
+    """
+    names = MixedStep.output_names
+    if len(outputs) != len(names) or any(o is None for o in outputs):
+        return check_outputs({}, names, outputs)
+    dtype = inputs["x"].dtype
+    a = {name: array.astype(np.float64) for name, array in inputs.items()}
+    got = dict(zip(names, outputs))
+    n, n_in, hidden, in2, n_out = case.dims
+    for name in ("pre", "grad_h"):  # the inputs of the later stages' oracles
+        if got[name].shape != (n, hidden):
+            return CheckResult(
+                False, f"{name}: shape {got[name].shape}, expected {(n, hidden)}", None
+            )
+    absolute = {name: np.abs(array) for name, array in a.items()}
+    expected = {"pre": _expected(a["x"] @ a["w1"].T, absolute["x"] @ absolute["w1"].T, n_in, dtype)}
+    pre = got["pre"].astype(np.float64)
+    h, mask = np.maximum(pre, 0), pre > 0
+    with linmaps.use_backend("python"):
+        z = linmaps.bilinear(h, a["x2"], a["weight"], a["bias"])
+        z_mag = linmaps.bilinear(h, absolute["x2"], absolute["weight"], absolute["bias"])
+        grads = linmaps.bilinear_backward(a["grad_z"], h, a["x2"], a["weight"], need_x2=False)
+        mags = linmaps.bilinear_backward(
+            absolute["grad_z"], h, absolute["x2"], absolute["weight"], need_x2=False
+        )
+    grad_h = got["grad_h"].astype(np.float64) * mask
+    expected.update(
+        z=_expected(z, z_mag, hidden * in2, dtype),
+        grad_h=_expected(grads.grad_x1, mags.grad_x1, n_out * in2, dtype),
+        grad_weight=_expected(grads.grad_weight, mags.grad_weight, n, dtype),
+        grad_w1=_expected(grad_h.T @ a["x"], np.abs(grad_h).T @ absolute["x"], n, dtype),
+    )
+    return check_outputs(expected, names, outputs)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -622,6 +814,13 @@ class Settings:
     # Idle BLAS/OpenMP threads keep spinning for ~0.15 s after a call and would steal the
     # cores from the next backend; the harness pauses this long before switching backends.
     settle_s: float = 0.25
+    # Mixed cases: rounds of (NumPy part, linmaps part, alternating step), each timed over
+    # at least mixed_measure_s and mixed_min_steps steps, after a settle_s pause and
+    # mixed_warmup_steps untimed steps.
+    mixed_rounds: int = 5
+    mixed_measure_s: float = 0.1
+    mixed_min_steps: int = 5
+    mixed_warmup_steps: int = 3
     measure_memory: bool = True
     isolate: bool = True  # time each builtin backend in its own worker process
     worker_timeout_s: float = 1800.0
@@ -642,6 +841,9 @@ class Settings:
                 "first_call_is_sample_above_s": 1.0,
                 "gemm_repeats": 2,
                 "settle_s": 0.15,
+                "mixed_rounds": 3,
+                "mixed_measure_s": 0.02,
+                "mixed_min_steps": 3,
                 "quick": True,
             }
         else:
@@ -711,6 +913,72 @@ def time_operation(fn, context, first_call_s: float, settings: Settings) -> dict
     return {"calls_per_sample": number, "first_call_only": False, **summarize(samples)}
 
 
+MIXED_PARTS = ("numpy", "linmaps", "alternating")
+
+
+def time_mixed(step: MixedStep, settings: Settings) -> dict:
+    """Time the NumPy part, the linmaps part and the alternating step of ``step``, in rounds.
+
+    Each round times the three one after the other (the order rotates from round to round).
+    Each measurement starts with a ``settle_s`` pause, so that the threads of the one before
+    are idle (OpenBLAS's own threads would otherwise spin into a part timed "alone"), then
+    ``mixed_warmup_steps`` untimed steps bring the pools to this loop's steady state; then at
+    least ``mixed_min_steps`` steps and ``mixed_measure_s`` seconds of steps, each timed on
+    its own. The round's figure is their median; the result is the median over the rounds,
+    and ``ratio = (t_numpy + t_linmaps) / t_alternating`` of those medians.
+    """
+    per_step = {}
+    for part in MIXED_PARTS:  # warm-up and calibration
+        step.run(part)
+        per_step[part] = _time_calls(lambda part=part: step.run(part), 2)
+    steps = {
+        part: max(settings.mixed_min_steps, min(100_000, math.ceil(settings.mixed_measure_s / t)))
+        for part, t in per_step.items()
+    }
+    rounds = {part: [] for part in MIXED_PARTS}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(settings.mixed_rounds):
+            shift = r % len(MIXED_PARTS)
+            for part in MIXED_PARTS[shift:] + MIXED_PARTS[:shift]:
+                calls = step.parts[part]
+                time.sleep(settings.settle_s)
+                for _ in range(settings.mixed_warmup_steps):
+                    for call in calls:
+                        call()
+                times = []
+                for _ in range(steps[part]):
+                    start = time.perf_counter()
+                    for call in calls:
+                        call()
+                    times.append(time.perf_counter() - start)
+                rounds[part].append(float(np.median(times)))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return mixed_stats(rounds, steps)
+
+
+def mixed_stats(rounds: dict, steps: dict) -> dict:
+    """The record of a mixed case's timing from its per-round medians (seconds per step)."""
+    t = {part: float(np.median(rounds[part])) for part in MIXED_PARTS}
+    per_round = [
+        (n + l) / m for n, l, m in zip(rounds["numpy"], rounds["linmaps"], rounds["alternating"])
+    ]
+    return {
+        "t_numpy_s": t["numpy"],
+        "t_linmaps_s": t["linmaps"],
+        "t_alternating_s": t["alternating"],
+        "ratio": (t["numpy"] + t["linmaps"]) / t["alternating"],
+        "ratio_rounds": per_round,
+        "n_rounds": len(per_round),
+        "rounds_s": {part: list(rounds[part]) for part in MIXED_PARTS},
+        "steps_per_round": dict(steps),
+    }
+
+
 def measure_gemm(dtype, repeats: int, size: int = REFERENCE_GEMM_SIZE) -> list:
     """Seconds per ``numpy.matmul`` of two ``size x size`` matrices, ``repeats`` samples."""
     rng = np.random.default_rng(1)
@@ -773,6 +1041,36 @@ def thread_pools() -> list:
         "prefix",
     )
     return [{k: pool.get(k) for k in keep if k in pool} for pool in threadpoolctl.threadpool_info()]
+
+
+# Variables that change how idle BLAS and OpenMP threads wait, or who runs NumPy's BLAS calls.
+# The harness sets none of them: the mixed cases measure the environment a program gets by
+# default (and record any of these it inherited from the caller's environment).
+MIXED_ENV_VARIABLES = (
+    "OPENBLAS_THREAD_TIMEOUT",
+    "GOMP_SPINCOUNT",
+    "OMP_WAIT_POLICY",
+    "LINMAPS_BLAS_THREADS",
+)
+
+
+def mixed_environment() -> dict:
+    """How this process's thread pools are set up, for the record of a mixed case."""
+    from linmaps import _threads
+
+    variables = {name: os.environ[name] for name in MIXED_ENV_VARIABLES if name in os.environ}
+    return {
+        "default": not variables,
+        "variables": variables,
+        "openmp_wait": _threads.wait_policy,
+        "blas_threads": _threads.describe(),
+        "linmaps_threads": linmaps.get_num_threads(),
+        "blas_pools": [
+            {k: pool.get(k) for k in ("internal_api", "version", "num_threads")}
+            for pool in thread_pools()
+            if pool.get("user_api") == "blas"
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------- memory
@@ -857,7 +1155,7 @@ class BackendSession:
         self.reason = backend.unavailable_reason()
         self.threads = None
         self.memory_problem = memory_problem
-        self._case, self._prepared, self._fns = None, None, {}
+        self._case, self._prepared, self._fns, self._mixed = None, None, {}, None
         if self.reason is None:
             self.threads = apply_threads(threads, [backend])[0]
             self._warm_up()
@@ -926,8 +1224,30 @@ class BackendSession:
             self._fns[op], lambda: self.backend.context(op), first_call_s, settings
         )
 
+    def mixed_first_step(self, case: MixedCase):
+        """Make the inputs of ``case`` and run one alternating step: ``(seconds, outputs)``.
+
+        The outputs (``MixedStep.output_names``) go back for the check."""
+        if not self.backend.runs_mixed:
+            raise RuntimeError(f"backend {self.backend.name!r} does not run the mixed cases")
+        self.end_case()
+        step = MixedStep(make_mixed_inputs(case, self.dtype, self.seed))
+        with self.backend.context("fwd+bwd"):
+            start = time.perf_counter()
+            step.run("alternating")
+            elapsed = time.perf_counter() - start
+        self._case, self._mixed = case, step
+        return elapsed, [None if o is None else np.asarray(o) for o in step.outputs()]
+
+    def time_mixed(self, case: MixedCase, settings: Settings) -> dict:
+        if self._case != case or self._mixed is None:
+            raise RuntimeError("time_mixed() needs mixed_first_step() on the same case")
+        with self.backend.context("fwd+bwd"):
+            stats = time_mixed(self._mixed, settings)
+        return {**stats, "environment": mixed_environment()}
+
     def end_case(self) -> None:
-        self._case, self._prepared, self._fns = None, None, {}
+        self._case, self._prepared, self._fns, self._mixed = None, None, {}, None
         gc.collect()
 
 
@@ -1304,6 +1624,45 @@ def _run_case(case: Case, runners: _Runners, settings: Settings, progress: Progr
     }
 
 
+def _run_mixed_case(case: MixedCase, runners: _Runners, settings: Settings, progress) -> dict:
+    dtype = np.dtype(settings.dtype)
+    progress.step(f"{case.id}: inputs", 0, major=True)
+    inputs = make_mixed_inputs(case, dtype, settings.seed)
+    results = {}
+    for name in list(runners.proxies):
+        if not runners.backends[name].runs_mixed:
+            results[name] = {
+                "status": "not applicable",
+                "reason": "the mixed cases time linmaps' own functions in a NumPy program",
+            }
+            progress.step(f"{case.id} {name} (not applicable)")
+            continue
+        progress.step(f"{case.id} {name}")
+        record = results[name] = {}
+        time.sleep(settings.settle_s)  # let the previous backend's threads go idle
+        try:
+            first_step_s, outputs = runners.call(name, "mixed_first_step", case)
+            check = check_mixed(case, inputs, outputs)
+            del outputs
+            record["check"] = {
+                "passed": check.ok,
+                "worst_error_vs_tolerance": check.worst_error_vs_tolerance,
+            }
+            if not check.ok:  # wrong: reported as an error, never timed
+                record.update(status="error", error=check.message)
+                continue
+            stats = runners.call(name, "time_mixed", case, settings)
+            record.update(status="ok", first_step_s=first_step_s, **stats)
+        except BackendError as exc:
+            record.update(status="error", error=str(exc))
+        except WorkerFailed as exc:
+            record.update(status="error", error=f"worker process failed: {exc}")
+        finally:
+            with contextlib.suppress(WorkerFailed, BackendError):
+                runners.call(name, "end_case")
+    return {**case.to_json(), "dtype": settings.dtype, "results": results}
+
+
 def _add_rates(case_record: dict, gemm_gflops: float) -> None:
     for per_op in case_record["results"].values():
         for record in per_op.values():
@@ -1347,6 +1706,8 @@ def run_suite(
     if unknown_ops:
         raise ValueError(f"unknown operations {sorted(unknown_ops)}; expected some of {OPS}")
     cases = list(cases)
+    mixed_cases = [case for case in cases if case.kind == "mixed"]
+    cases = [case for case in cases if case.kind != "mixed"]
     backends = _resolve_backends(backends)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = _load_average()
@@ -1354,12 +1715,14 @@ def run_suite(
 
     runners = _Runners(backends, settings)
     n_ready = len(runners.proxies)
-    bar = Progress(len(cases) * len(settings.ops) * n_ready + 2, enabled=progress)
+    total = (len(cases) * len(settings.ops) + len(mixed_cases)) * n_ready + 2
+    bar = Progress(total, enabled=progress)
     try:
         bar.step("reference GEMM (start)", major=True)
         time.sleep(settings.settle_s)
         gemm_start = measure_gemm(settings.dtype, settings.gemm_repeats, settings.gemm_size)
         case_records = [_run_case(case, runners, settings, bar) for case in cases]
+        mixed_records = [_run_mixed_case(case, runners, settings, bar) for case in mixed_cases]
         bar.step("reference GEMM (end)", major=True)
         time.sleep(settings.settle_s)
         gemm_end = measure_gemm(settings.dtype, settings.gemm_repeats, settings.gemm_size)
@@ -1393,6 +1756,15 @@ def run_suite(
         record["results"] = {b.name: record["results"][b.name] for b in backends}
         _add_rates(record, gemm["gflops"])
         _add_speedups(record, settings.ops)
+    for record in mixed_records:
+        for backend in backends:
+            status = runners.status[backend.name]
+            if not status["available"]:
+                record["results"][backend.name] = {
+                    "status": "unavailable",
+                    "reason": status["reason"],
+                }
+        record["results"] = {b.name: record["results"][b.name] for b in backends}
 
     finished = datetime.datetime.now(datetime.timezone.utc)
     return {
@@ -1419,6 +1791,10 @@ def run_suite(
             "extra_warmup": settings.extra_warmup,
             "first_call_is_sample_above_s": settings.first_call_is_sample_above_s,
             "settle_s": settings.settle_s,
+            "mixed_rounds": settings.mixed_rounds,
+            "mixed_measure_s": settings.mixed_measure_s,
+            "mixed_min_steps": settings.mixed_min_steps,
+            "mixed_warmup_steps": settings.mixed_warmup_steps,
             "isolate": settings.isolate,
             "seed": settings.seed,
             "measure_memory": settings.measure_memory,
@@ -1430,6 +1806,7 @@ def run_suite(
         "backends": runners.status,
         "reference_gemm": gemm,
         "cases": case_records,
+        "mixed": mixed_records,
     }
 
 
@@ -1439,6 +1816,10 @@ def has_errors(result: dict) -> bool:
         for case in result["cases"]
         for per_op in case["results"].values()
         for record in per_op.values()
+    ) or any(
+        record.get("status") == "error"
+        for case in result.get("mixed", [])
+        for record in case["results"].values()
     )
 
 

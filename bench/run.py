@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python bench/run.py",
         description="Time the forward and backward passes of linmaps' linear and bilinear "
         "maps on every backend (cpp, python, and torch when installed), after "
-        "checking each result against the NumPy oracle.",
+        "checking each result against the NumPy oracle; and a training step that alternates "
+        "NumPy products and linmaps calls (the mixed cases).",
     )
     parser.add_argument(
         "--quick",
@@ -82,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default=None,
-        help="comma-separated filter: 'linear', 'bilinear', part of a case id "
-        "('1024x', 'bilinear-64x512'), or a custom size "
-        "('bilinear:8x4x4x2', 'linear:8x16x4'); see --list-cases",
+        help="comma-separated filter: 'linear', 'bilinear', 'mixed', part of a case id "
+        "('1024x', 'bilinear-64x512', 'mixed-short'), or a custom size "
+        "('bilinear:8x4x4x2', 'linear:8x16x4', 'mixed:32x64x64x64x8'); see --list-cases",
     )
     parser.add_argument(
         "--backends",

@@ -2,6 +2,7 @@
 reports a backend that gives wrong results as an error instead of timing it."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import linmaps
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
+
+import bench_report  # noqa: E402
 
 import linmaps_bench as lb  # noqa: E402
 
@@ -80,7 +83,9 @@ def test_cli_quick_run_writes_every_field(tmp_path):
         "backends",
         "reference_gemm",
         "cases",
+        "mixed",
     } <= set(result)
+    assert result["mixed"] == []  # no mixed case selected
     assert {"cpu_model", "logical_cpus", "usable_cpus", "cpu_simd_flags"} <= set(result["machine"])
     assert {"linmaps", "numpy", "torch", "compiler", "build_simd", "blas"} <= set(
         result["versions"]
@@ -198,9 +203,155 @@ def test_tolerance_accepts_rounding_and_rejects_a_small_error():
     assert not check.ok and "(5, 3)" in check.message
 
 
+MIXED_FIELDS = {
+    "status",
+    "check",
+    "first_step_s",
+    "t_numpy_s",
+    "t_linmaps_s",
+    "t_alternating_s",
+    "ratio",
+    "ratio_rounds",
+    "n_rounds",
+    "rounds_s",
+    "steps_per_round",
+    "environment",
+}
+
+
+def test_cli_quick_mixed_run(tmp_path):
+    # The mixed cases end to end: a worker per backend times the NumPy part, the linmaps part
+    # and the alternating step; the ratio reaches the table, the summary, the JSON and the chart.
+    json_path, png_path = tmp_path / "mixed.json", tmp_path / "mixed.png"
+    env = dict(os.environ)
+    linmaps_root = os.path.dirname(os.path.dirname(linmaps.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([linmaps_root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCH, "run.py"),
+            "--quick",
+            "--no-progress",
+            "--no-memory",
+            "--cases",
+            "mixed",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1.00 = mixing costs nothing; the target is >= 0.9" in proc.stdout
+    assert "mixing ratio" in proc.stdout  # the summary's line
+
+    result = json.loads(json_path.read_text())
+    assert result["cases"] == []
+    assert [case["id"] for case in result["mixed"]] == ["mixed-long", "mixed-short"]
+    assert result["settings"]["mixed_rounds"] >= 1
+    available = [name for name, status in result["backends"].items() if status["available"]]
+    assert "python" in available
+    for case in result["mixed"]:
+        assert case["kind"] == "mixed" and case["dtype"] == "float32"
+        assert len(case["dims"]) == 5 and set(case["flops"]) == {"numpy", "linmaps"}
+        assert case["id"] in proc.stdout
+        assert set(case["results"]) == set(result["backends"])
+        for name, record in case["results"].items():
+            if name not in available:
+                assert record["status"] == "unavailable"
+                continue
+            if name == "torch":
+                assert record["status"] == "not applicable" and record["reason"]
+                continue
+            assert record["status"] == "ok", record
+            assert set(record) >= MIXED_FIELDS
+            assert record["check"]["passed"]
+            times = [record[f"t_{part}_s"] for part in ("numpy", "linmaps", "alternating")]
+            assert all(math.isfinite(t) and t > 0 for t in times)
+            assert math.isfinite(record["ratio"]) and record["ratio"] > 0
+            assert record["ratio"] == pytest.approx(sum(times[:2]) / times[2])
+            assert len(record["ratio_rounds"]) == record["n_rounds"]
+            assert record["n_rounds"] == result["settings"]["mixed_rounds"]
+            assert f"{record['ratio']:.2f}" in proc.stdout
+            # The harness sets none of the wait-policy variables: the worker's environment is
+            # the caller's (the default one unless the caller set some).
+            environment = record["environment"]
+            inherited = {v: os.environ[v] for v in lb.MIXED_ENV_VARIABLES if v in os.environ}
+            assert environment["variables"] == inherited
+            assert environment["default"] == (not inherited)
+            assert environment["linmaps_threads"] == result["settings"]["threads"]
+    if "matplotlib" in result["versions"]:
+        assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "chart skipped" in proc.stdout
+
+
+class _NotLinmaps(lb.FunctionalBackend):
+    def __init__(self):
+        super().__init__(
+            "other", linmaps.linear, linmaps.linear_backward, linmaps.bilinear, _raises
+        )
+
+
+def test_mixed_case_in_process():
+    # A tiny custom mixed case: linmaps' python backend runs it; an implementation that is not
+    # linmaps is "not applicable", an unavailable one "unavailable"; none is an error.
+    cases = lb.select_cases("mixed:6x8x5x3x2")
+    settings = lb.Settings.for_mode(
+        True, threads=lb.usable_cpus(), measure_memory=False, gemm_size=128
+    )
+    result = lb.run_suite(cases, ["python", _NotLinmaps(), _Missing()], settings, progress=False)
+    assert result["cases"] == []
+    (case,) = result["mixed"]
+    assert case["id"] == "mixed-6x8x5x3x2"
+    python = case["results"]["python"]
+    assert python["status"] == "ok" and python["ratio"] > 0
+    assert case["results"]["other"]["status"] == "not applicable"
+    assert case["results"]["missing"]["status"] == "unavailable"
+    assert not lb.has_errors(result)
+    report = bench_report.format_report(result)
+    assert "mixed-6x8x5x3x2" in report and bench_report.MIXED_GUIDE in report
+    assert "not run: other (not applicable)" in report
+
+
+def test_mixed_step_is_float32_and_checked():
+    case = lb.MixedCase((16, 12, 8, 6, 4))
+    inputs = lb.make_mixed_inputs(case, np.float32)
+    assert all(array.dtype == np.float32 for array in inputs.values())  # NEP 50: no float64
+    step = lb.MixedStep(inputs)
+    with linmaps.use_backend("python"):
+        step.run("alternating")
+    outputs = step.outputs()
+    assert all(output.dtype == np.float32 for output in outputs)
+    assert lb.check_mixed(case, inputs, outputs).ok
+    for wrong in ("pre", "z", "grad_h", "grad_weight", "grad_w1"):
+        index = lb.MixedStep.output_names.index(wrong)
+        off = list(outputs)
+        off[index] = off[index] * np.float32(1.01)
+        check = lb.check_mixed(case, inputs, off)
+        assert not check.ok and f"wrong result: {wrong}" in check.message
+    short = list(outputs)
+    short[0] = short[0][:-1]
+    assert "pre: shape" in lb.check_mixed(case, inputs, short).message
+
+
 def test_case_selection():
     ids = [c.id for c in lb.select_cases("linear")]
     assert ids == [c.id for c in lb.DEFAULT_CASES if c.kind == "linear"]
+    assert all(c.kind == "bilinear" for c in lb.select_cases("bilinear"))
+    assert [c.id for c in lb.select_cases("mixed")] == ["mixed-long", "mixed-short"]
+    assert [c.id for c in lb.select_cases("mixed-s,mixed:2x3x4x5x6")] == [
+        "mixed-short",
+        "mixed-2x3x4x5x6",
+    ]
+    assert {"mixed-long", "mixed-short"} <= {c.id for c in lb.select_cases(None)}  # default run
+    with pytest.raises(ValueError, match="5 positive sizes"):
+        lb.select_cases("mixed:2x3x4")
     assert [c.id for c in lb.select_cases("1024x,bilinear:2x3x4x5")] == [
         "bilinear-1024x128x128x64",
         "linear-4096x1024x1024",

@@ -27,6 +27,7 @@
 #include <link.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
 
 #include <cctype>
 #include <cstddef>
@@ -61,6 +62,8 @@ struct ProcessState {
   std::atomic<bool> forked_child{false};
   // steady_clock time (ns since its epoch) until which calls count as contended.
   std::atomic<long long> contended_until_ns{0};
+  // The process's involuntary context switches at the last absent worker (note_worker_absent).
+  std::atomic<long long> involuntary_switches{0};
   std::atomic<long long> blas_calls{0};
   std::atomic<bool> blas_sharing{false};
   std::atomic<unsigned long long> loaded_objects_seen{0};
@@ -279,14 +282,22 @@ void note_team_started() {
   }
 }
 
-// A worker absent for this long at the end of a region was descheduled, not just slow to
-// wake (a sleeping thread on an idle core wakes in tens of microseconds).
+// A worker absent this long at the end of a region kept the caller waiting for it.
 constexpr std::chrono::microseconds kAbsentWait{150};
 // How long small calls then run on the calling thread before they try threads again.
 constexpr std::chrono::milliseconds kContendedFor{50};
 
 void note_worker_absent(std::chrono::steady_clock::duration wait) {
   if (wait < kAbsentWait) return;
+  // An absent worker was either asleep and slow to wake (an idle virtual CPU can take a
+  // hundred microseconds or more) or preempted by another process. Only the second is
+  // contention: it shows as involuntary context switches of the process's threads since the
+  // last absent worker, which a thread that went to sleep by itself does not add.
+  rusage usage{};
+  if (getrusage(RUSAGE_SELF, &usage) != 0) return;
+  const long long switches = usage.ru_nivcsw;
+  const long long before = g_state->involuntary_switches.exchange(switches);
+  if (switches <= before) return;
   const auto until = std::chrono::steady_clock::now() + kContendedFor;
   g_state->contended_until_ns.store(
       std::chrono::duration_cast<std::chrono::nanoseconds>(until.time_since_epoch()).count(),

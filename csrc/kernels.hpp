@@ -122,12 +122,6 @@ void set_setting(int n);
 // calling thread's OpenMP ICV if that was changed from the process default; 1 in a forked
 // child of a process that had started an OpenMP team.
 int for_call();
-// Contention: the calling thread of a parallel region ran every task itself and then waited
-// `wait` at the region's end for a worker that never got a task. A long such wait means the
-// worker was descheduled (another process holds its core); small calls then run on the
-// calling thread for a while (contended()).
-void note_worker_absent(std::chrono::steady_clock::duration wait);
-bool contended();
 // Records that an OpenMP team of more than one thread was started (see in_forked_child).
 void note_team_started();
 bool in_forked_child();
@@ -279,17 +273,14 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
   CallStop* const call_stop = t_call_stop;
   std::exception_ptr error;
   std::atomic<bool> failed{false};
-  std::atomic<Index> worker_tasks{0};
-  std::chrono::steady_clock::time_point caller_done;
 #pragma omp parallel num_threads(team)
   {
     // The encountering (calling) thread is thread 0 and keeps its own state.
     const bool worker = worker_id() != 0;
     if (worker) t_call_stop = call_stop;
-#pragma omp for schedule(dynamic, 1) nowait
+#pragma omp for schedule(dynamic, 1)
     for (Index task = 0; task < num_tasks; ++task) {
       if (failed.load(std::memory_order_relaxed) || stop_requested()) continue;
-      if (worker) worker_tasks.fetch_add(1, std::memory_order_relaxed);
       try {
         body(task, worker_id());
       } catch (...) {
@@ -300,16 +291,7 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
         failed.store(true, std::memory_order_relaxed);
       }
     }
-    if (worker) {
-      t_call_stop = nullptr;
-    } else {
-      caller_done = std::chrono::steady_clock::now();
-    }
-  }
-  // The calling thread ran every task and then still waited for a worker to arrive: the
-  // worker was descheduled, another process has its core (threads.cpp, contention).
-  if (worker_tasks.load(std::memory_order_relaxed) == 0) {
-    threads::note_worker_absent(std::chrono::steady_clock::now() - caller_done);
+    if (worker) t_call_stop = nullptr;
   }
   if (error) std::rethrow_exception(error);
 }

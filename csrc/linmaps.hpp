@@ -132,17 +132,9 @@ class CallScope {
 // The threads for a kernel call of about `flops` floating-point operations. A call that will
 // use threads first gives the BLAS threads callback to any OpenBLAS loaded since the last
 // look (threads.cpp), so that a SciPy imported after linmaps shares the pool too.
-//
-// While another process holds a core (threads::contended), a call this small runs on the
-// calling thread: a worker that is not running makes the caller wait for it at every region's
-// end, which costs a small call more than a second core gains it.
-constexpr double kContendedSerialFlops = 64e6;
-
 inline int threads_for(double flops) {
   const int num_threads = threads::for_call();
-  if (num_threads <= 1 || flops < detail::kSerialFlops) return num_threads;
-  if (flops < kContendedSerialFlops && threads::contended()) return 1;
-  threads::blas_refresh();
+  if (num_threads > 1 && flops >= detail::kSerialFlops) threads::blas_refresh();
   return num_threads;
 }
 

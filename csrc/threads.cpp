@@ -27,7 +27,6 @@
 #include <link.h>
 #include <pthread.h>
 #include <sched.h>
-#include <sys/resource.h>
 
 #include <cctype>
 #include <cstddef>
@@ -60,10 +59,6 @@ struct ProcessState {
   std::atomic<int> setting{0};  // 0: not set, follow the process default
   std::atomic<bool> team_started{false};
   std::atomic<bool> forked_child{false};
-  // steady_clock time (ns since its epoch) until which calls count as contended.
-  std::atomic<long long> contended_until_ns{0};
-  // The process's involuntary context switches at the last absent worker (note_worker_absent).
-  std::atomic<long long> involuntary_switches{0};
   std::atomic<long long> blas_calls{0};
   std::atomic<bool> blas_sharing{false};
   std::atomic<unsigned long long> loaded_objects_seen{0};
@@ -280,37 +275,6 @@ void note_team_started() {
   if (!g_state->team_started.load(std::memory_order_relaxed)) {
     g_state->team_started.store(true, std::memory_order_relaxed);
   }
-}
-
-// A worker absent this long at the end of a region kept the caller waiting for it.
-constexpr std::chrono::microseconds kAbsentWait{150};
-// How long small calls then run on the calling thread before they try threads again.
-constexpr std::chrono::milliseconds kContendedFor{50};
-
-void note_worker_absent(std::chrono::steady_clock::duration wait) {
-  if (wait < kAbsentWait) return;
-  // An absent worker was either asleep and slow to wake (an idle virtual CPU can take a
-  // hundred microseconds or more) or preempted by another process. Only the second is
-  // contention: it shows as involuntary context switches of the process's threads since the
-  // last absent worker, which a thread that went to sleep by itself does not add.
-  rusage usage{};
-  if (getrusage(RUSAGE_SELF, &usage) != 0) return;
-  const long long switches = usage.ru_nivcsw;
-  const long long before = g_state->involuntary_switches.exchange(switches);
-  if (switches <= before) return;
-  const auto until = std::chrono::steady_clock::now() + kContendedFor;
-  g_state->contended_until_ns.store(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(until.time_since_epoch()).count(),
-      std::memory_order_relaxed);
-}
-
-bool contended() {
-  const long long until = g_state->contended_until_ns.load(std::memory_order_relaxed);
-  if (until == 0) return false;
-  const long long now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                            std::chrono::steady_clock::now().time_since_epoch())
-                            .count();
-  return now < until;
 }
 
 bool in_forked_child() { return g_state->forked_child.load(std::memory_order_relaxed); }

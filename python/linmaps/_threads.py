@@ -26,11 +26,11 @@ import os
 import warnings
 
 # libgomp's spin before a waiting thread sleeps, in rounds of its wait loop (about 33 ns
-# each on the machine of docs/performance.md, so about 35 us): long enough to bridge two
+# each on the machine of docs/performance.md, so about 70 us): long enough to bridge two
 # regions of a call and two calls of a loop, short enough that a thread waiting for a
 # descheduled teammate soon gives its core back. Chosen by measurement
 # (bench/studies/contention.py, mixed_programs.py; docs/performance.md).
-SPINCOUNT = "1000"
+SPINCOUNT = "2000"
 _WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 # What happened at import, for show_config().

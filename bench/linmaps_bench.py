@@ -657,6 +657,9 @@ class CheckResult:
     message: str
     worst_error_vs_tolerance: float | None
 
+    def to_json(self) -> dict:
+        return {"passed": self.ok, "worst_error_vs_tolerance": self.worst_error_vs_tolerance}
+
 
 class Oracle:
     """The right answer for one case, and the check of a backend's outputs against it.
@@ -1597,10 +1600,7 @@ def _run_case(case: Case, runners: _Runners, settings: Settings, progress: Progr
                 first_call_s, outputs, call_memory = runners.call(name, "first_call", case, op)
                 check = oracle.check(op, outputs)
                 del outputs
-                record["check"] = {
-                    "passed": check.ok,
-                    "worst_error_vs_tolerance": check.worst_error_vs_tolerance,
-                }
+                record["check"] = check.to_json()
                 if not check.ok:  # wrong: reported as an error, never timed
                     record.update(status="error", error=check.message)
                     if op == "backward":
@@ -1644,10 +1644,7 @@ def _run_mixed_case(case: MixedCase, runners: _Runners, settings: Settings, prog
             first_step_s, outputs = runners.call(name, "mixed_first_step", case)
             check = check_mixed(case, inputs, outputs)
             del outputs
-            record["check"] = {
-                "passed": check.ok,
-                "worst_error_vs_tolerance": check.worst_error_vs_tolerance,
-            }
+            record["check"] = check.to_json()
             if not check.ok:  # wrong: reported as an error, never timed
                 record.update(status="error", error=check.message)
                 continue

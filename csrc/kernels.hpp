@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <ctime>
 #include <exception>
@@ -129,8 +128,9 @@ bool in_forked_child();
 // (diagnostics and tests).
 int team_size();
 // The OpenBLAS threads callback (NumPy's BLAS on linmaps' pool): install it into the loaded
-// library at `path` (the setter's symbol name, or "" when it has none), remove it from
-// every library, list the libraries that have it, and count the BLAS calls it ran.
+// library at `path` (the setter's symbol name, or "" when it has none; blas_refresh calls it),
+// remove it from every library, list the libraries that have it, and count the BLAS calls it
+// ran.
 std::string blas_install(const std::string& path);
 // Whether OpenBLAS libraries get the callback: on, give it to those loaded now; off, take it
 // back from all.

@@ -84,11 +84,6 @@ int usable_cpus() {
 // of OS threads, which libgomp aborts the process over when it cannot create them.
 constexpr int kCapPerCpu = 4;
 
-int thread_cap() {
-  static const int value = kCapPerCpu * usable_cpus();
-  return value;
-}
-
 // The ICV a fresh thread sees. Read from a new thread so that importing linmaps inside a
 // threadpool_limits block does not mistake the temporary limit for the default.
 int read_openmp_default() {
@@ -251,16 +246,19 @@ int openmp_default() {
   return value;
 }
 
-int cap() { return thread_cap(); }
+int cap() {
+  static const int value = kCapPerCpu * usable_cpus();
+  return value;
+}
 
 int setting() {
   const int value = g_state->setting.load(std::memory_order_relaxed);
-  return value > 0 ? value : std::min(openmp_default(), thread_cap());
+  return value > 0 ? value : std::min(openmp_default(), cap());
 }
 
 void set_setting(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
-  g_state->setting.store(std::min(n, thread_cap()), std::memory_order_relaxed);
+  g_state->setting.store(std::min(n, cap()), std::memory_order_relaxed);
 }
 
 int for_call() {

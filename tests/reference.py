@@ -72,16 +72,22 @@ def _bilinear_operands(x1, x2, weight):
     return x1.reshape(n, w3.shape[1]), x2.reshape(n, w3.shape[2]), w3
 
 
-def bilinear(x1, x2, weight, bias=None):
-    """``z[k, l] = sum_{i,j} x1[k, i] weight[l, i, j] x2[k, j] + bias[l]``."""
-    a, b, w3 = _bilinear_operands(x1, x2, weight)
-    z, mag = einsum2("ki,lij,kj->kl", a, w3, b)
+def _bilinear_result(z, mag, bias, x1, weight):
+    """``(z + bias, mag + |bias|)`` in the caller's batch shape."""
+    out_features = np.shape(weight)[0] if np.ndim(weight) == 3 else 1
     if bias is not None:
-        bias = np.asarray(bias, np.float64).reshape(w3.shape[0])
+        bias = np.asarray(bias, np.float64).reshape(out_features)
         with np.errstate(all="ignore"):  # inf + -inf is a legitimate NaN here
             z, mag = z + bias, mag + np.abs(bias)
     shape = np.shape(x1)[:-1] + np.shape(weight)[:-2]
     return z.reshape(shape), mag.reshape(shape)
+
+
+def bilinear(x1, x2, weight, bias=None):
+    """``z[k, l] = sum_{i,j} x1[k, i] weight[l, i, j] x2[k, j] + bias[l]``."""
+    a, b, w3 = _bilinear_operands(x1, x2, weight)
+    z, mag = einsum2("ki,lij,kj->kl", a, w3, b)
+    return _bilinear_result(z, mag, bias, x1, weight)
 
 
 def bilinear_grads(grad_out, x1, x2, weight):
@@ -121,12 +127,7 @@ def bilinear_grouped(x1, x2, weight, bias=None):
     a, b, w3 = _bilinear_operands(x1, x2, weight)
     _, p, q, wpq = _wider_first(a, b, w3)
     z, mag = _grouped(lambda p, w, q: ein("klj,kj->kl", ein("ki,lij->klj", p, w), q), p, wpq, q)
-    if bias is not None:
-        bias = np.asarray(bias, np.float64).reshape(w3.shape[0])
-        with np.errstate(all="ignore"):  # inf + -inf is a legitimate NaN here
-            z, mag = z + bias, mag + np.abs(bias)
-    shape = np.shape(x1)[:-1] + np.shape(weight)[:-2]
-    return z.reshape(shape), mag.reshape(shape)
+    return _bilinear_result(z, mag, bias, x1, weight)
 
 
 def bilinear_grads_grouped(grad_out, x1, x2, weight):

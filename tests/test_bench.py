@@ -40,31 +40,24 @@ TIMING_FIELDS = {
 }
 
 
-def test_cli_quick_run_writes_every_field(tmp_path):
-    json_path, png_path = tmp_path / "result.json", tmp_path / "chart.png"
+def run_bench_cli(*args):
+    """``python bench/run.py --quick --no-progress ARGS`` importing this session's linmaps."""
     env = dict(os.environ)
-    # The subprocess must import the same linmaps as this test session.
     linmaps_root = os.path.dirname(os.path.dirname(linmaps.__file__))
     env["PYTHONPATH"] = os.pathsep.join([linmaps_root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCH, "run.py"),
-            "--quick",
-            "--no-progress",
-            "--cases",
-            TINY_CASES,
-            "--json",
-            str(json_path),
-            "--plot",
-            str(png_path),
-        ],
+    return subprocess.run(
+        [sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--no-progress", *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
         check=False,
     )
+
+
+def test_cli_quick_run_writes_every_field(tmp_path):
+    json_path, png_path = tmp_path / "result.json", tmp_path / "chart.png"
+    proc = run_bench_cli("--cases", TINY_CASES, "--json", str(json_path), "--plot", str(png_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"JSON record written to {json_path}" in proc.stdout
     assert "bilinear-3x4x5x2" in proc.stdout and "summary" in proc.stdout
@@ -223,28 +216,8 @@ def test_cli_quick_mixed_run(tmp_path):
     # The mixed cases end to end: a worker per backend times the NumPy part, the linmaps part
     # and the alternating step; the ratio reaches the table, the summary, the JSON and the chart.
     json_path, png_path = tmp_path / "mixed.json", tmp_path / "mixed.png"
-    env = dict(os.environ)
-    linmaps_root = os.path.dirname(os.path.dirname(linmaps.__file__))
-    env["PYTHONPATH"] = os.pathsep.join([linmaps_root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCH, "run.py"),
-            "--quick",
-            "--no-progress",
-            "--no-memory",
-            "--cases",
-            "mixed",
-            "--json",
-            str(json_path),
-            "--plot",
-            str(png_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    proc = run_bench_cli(
+        "--no-memory", "--cases", "mixed", "--json", str(json_path), "--plot", str(png_path)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1.00 = mixing costs nothing; the target is >= 0.9" in proc.stdout

@@ -50,9 +50,6 @@ def openmp_default() -> int:
 def in_forked_child() -> bool:
     """Whether this is a forked child of a process that had started OpenMP threads."""
 
-def blas_install(path: str) -> str:
-    """Give the loaded OpenBLAS at `path` the threads callback; the setter's name, or ''."""
-
 def blas_set_sharing(enable: bool) -> None:
     """Share the BLAS pool with every OpenBLAS loaded now and later, or take it back."""
 

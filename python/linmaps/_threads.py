@@ -106,21 +106,20 @@ def setup(core) -> None:
     to the OpenBLAS libraries then): a program that imports linmaps but never calls it keeps
     OpenBLAS exactly as it was.
     """
-    global _core, _shared
+    global _core
     _core = core
-    _shared = _env_mode() == "shared"
-    _core.blas_set_sharing(_shared)
+    set_shared(_env_mode() == "shared", now=False)
 
 
-def set_shared(enable: bool) -> None:
-    """Give every OpenBLAS loaded now (and, from linmaps' next threaded call, later) the
-    callback (True), or give them back their own threads (False)."""
+def set_shared(enable: bool, now: bool = True) -> None:
+    """Give every OpenBLAS loaded now (with ``now``; else from linmaps' next threaded call)
+    and later the callback (True), or give them back their own threads (False)."""
     global _shared
     if _core is None:
         return
     _shared = bool(enable)
     _core.blas_set_sharing(_shared)
-    if _shared:
+    if _shared and now:
         _core.blas_refresh()
 
 

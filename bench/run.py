@@ -89,10 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backends",
-        default="cpp,python,torch",
-        help="comma-separated (default: %(default)s); unavailable ones are reported, not "
-        "errors. cpp@LEVEL forces the compiled backend's instruction set (LINMAPS_CPU=LEVEL: "
-        "baseline, avx2, avx512, or native in a LINMAPS_NATIVE=ON build); NAME/THREADS runs "
+        default=None,
+        help="comma-separated (default: every builtin backend, cpp,python,torch; "
+        "--list-backends shows them); unavailable ones are reported, not errors. cpp@LEVEL "
+        "forces the compiled backend's instruction set (LINMAPS_CPU=LEVEL: baseline, avx2, "
+        "avx512, or native in a LINMAPS_NATIVE=ON build); NAME/THREADS runs "
         "NAME with that many threads (cpp/1 next to cpp: the thread scaling in one run)",
     )
     parser.add_argument(
@@ -125,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--list-cases", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--list-backends", action="store_true", help="list the registered backends and exit"
+    )
     return parser.parse_args(argv)
 
 
@@ -136,9 +140,8 @@ def main(argv=None) -> int:
         os.environ[var] = str(args.threads)
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    import bench_report
-
     import linmaps_bench
+    from linmaps_bench import report
 
     try:
         cases = linmaps_bench.select_cases(args.cases)
@@ -149,7 +152,18 @@ def main(argv=None) -> int:
         for case in cases:
             print(f"{case.id:28} {case.describe()}")
         return 0
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.list_backends:
+        for name, backend in linmaps_bench.BACKENDS.items():
+            reason = backend.unavailable_reason()
+            default = " (default)" if name in linmaps_bench.DEFAULT_BACKENDS else ""
+            print(
+                f"{name:12} {'available' if reason is None else 'unavailable: ' + reason}{default}"
+            )
+        return 0
+    if args.backends is None:
+        backends = list(linmaps_bench.DEFAULT_BACKENDS)
+    else:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = []
     for name in backends:
         try:
@@ -178,14 +192,14 @@ def main(argv=None) -> int:
         cases, backends, settings, progress=not args.no_progress, command=command
     )
 
-    print(bench_report.format_report(result))
+    print(report.format_report(result))
     print()
     if not args.no_json:
         print(f"JSON record written to {linmaps_bench.write_json(result, args.json)}")
     if not args.no_plot:
         plot_path = args.plot or os.path.splitext(args.json)[0] + ".png"
         try:
-            print(f"chart written to {bench_report.plot(result, plot_path)}")
+            print(f"chart written to {report.plot(result, plot_path)}")
         except ImportError:
             print(
                 "chart skipped: matplotlib is not installed "

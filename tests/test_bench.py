@@ -15,9 +15,9 @@ import linmaps
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 
-import bench_report  # noqa: E402
-
 import linmaps_bench as lb  # noqa: E402
+from linmaps_bench import report  # noqa: E402
+from linmaps_bench.cases import mixed  # noqa: E402
 
 # Tiny custom sizes: the harness's logic, not the machine's speed, is under test.
 TINY_CASES = "bilinear:3x4x5x2,linear:3x4x2"
@@ -287,9 +287,9 @@ def test_mixed_case_in_process():
     assert case["results"]["other"]["status"] == "not applicable"
     assert case["results"]["missing"]["status"] == "unavailable"
     assert not lb.has_errors(result)
-    report = bench_report.format_report(result)
-    assert "mixed-6x8x5x3x2" in report and bench_report.MIXED_GUIDE in report
-    assert "not run: other (not applicable)" in report
+    text = report.format_report(result)
+    assert "mixed-6x8x5x3x2" in text and mixed.MIXED_GUIDE in text
+    assert "not run: other (not applicable)" in text
 
 
 def test_mixed_step_is_float32_and_checked():

@@ -1,0 +1,321 @@
+"""The implementations under test: the :class:`Backend` interface, the builtin backends and
+their registry (add a backend here: a class and one ``register_backend`` line at the end)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+with warnings.catch_warnings():
+    # Without the compiled module linmaps warns at import; the harness reports "cpp" as
+    # unavailable (with the reason) instead.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import linmaps
+
+if TYPE_CHECKING:
+    from .cases.ops import Case
+
+
+class BackendError(Exception):
+    """The backend raised while running a case; the message is reported for that case."""
+
+
+class WorkerFailed(Exception):
+    """The worker process died, hung or could not start."""
+
+
+class Backend:
+    """An implementation under test. Subclass it, or use :class:`FunctionalBackend`.
+
+    ``operation`` returns the callable that is timed: it takes no argument and returns the
+    outputs in the order of ``Case.output_names(op)``. Everything it needs (converted inputs,
+    a prebuilt autograd graph) is made in ``prepare``/``operation``, outside the timed region.
+    """
+
+    name = "?"
+    # Builtin backends are re-created by name in the memory subprocess; a backend registered at
+    # run time (a test's deliberately broken one) exists only in this process.
+    builtin = False
+    # The mixed cases time linmaps' own functions inside a NumPy program, with the linmaps
+    # backend that ``context`` selects; other implementations have no part in them.
+    runs_mixed = False
+
+    def unavailable_reason(self) -> str | None:
+        """None if the backend can run here, else why not."""
+        return None
+
+    def worker_env(self) -> dict:
+        """Extra environment of the worker process that runs this backend."""
+        return {}
+
+    def info(self) -> dict:
+        return {}
+
+    def set_num_threads(self, n: int) -> None:
+        pass
+
+    def threads_for(self, suite_threads: int) -> int:
+        """Threads this backend runs with in a suite run with ``suite_threads`` (--threads)."""
+        return suite_threads
+
+    def prepare(self, case: Case, inputs: dict) -> Any:
+        return inputs
+
+    def operation(self, case: Case, op: str, prepared: Any) -> Callable[[], tuple]:
+        raise NotImplementedError
+
+    def context(self, op: str):
+        """Entered around every call of the operation (outside the timed loop)."""
+        return contextlib.nullcontext()
+
+    def to_numpy(self, outputs) -> list:
+        return [None if o is None else np.asarray(o) for o in outputs]
+
+
+class FunctionalBackend(Backend):
+    """A backend given by four functions with the signatures of ``linmaps``'s functional API."""
+
+    def __init__(self, name, linear, linear_backward, bilinear, bilinear_backward, context=None):
+        self.name = name
+        self._linear, self._linear_backward = linear, linear_backward
+        self._bilinear, self._bilinear_backward = bilinear, bilinear_backward
+        self._context = context
+
+    def context(self, op):
+        return self._context() if self._context is not None else contextlib.nullcontext()
+
+    def operation(self, case, op, prepared):
+        a = prepared
+        if case.kind == "linear":
+
+            def forward():
+                return (self._linear(a["x"], a["weight"], a["bias"]),)
+
+            def backward():
+                return tuple(self._linear_backward(a["grad_out"], a["x"], a["weight"]))
+        else:
+
+            def forward():
+                return (self._bilinear(a["x1"], a["x2"], a["weight"], a["bias"]),)
+
+            def backward():
+                return tuple(self._bilinear_backward(a["grad_out"], a["x1"], a["x2"], a["weight"]))
+
+        def forward_backward():
+            return forward() + backward()
+
+        return {"forward": forward, "backward": backward, "fwd+bwd": forward_backward}[op]
+
+
+class LinmapsBackend(FunctionalBackend):
+    """``linmaps``'s public functions with one of its backends (``cpp`` or ``python``) active."""
+
+    builtin = True
+    runs_mixed = True
+
+    def __init__(self, name):
+        super().__init__(
+            name,
+            linmaps.linear,
+            linmaps.linear_backward,
+            linmaps.bilinear,
+            linmaps.bilinear_backward,
+            context=lambda: linmaps.use_backend(name),
+        )
+
+    def unavailable_reason(self):
+        if self.name in linmaps.available_backends():
+            return None
+        from linmaps import _backend
+
+        return getattr(_backend, "_cpp_error", None) or f"not in {linmaps.available_backends()}"
+
+    def info(self):
+        return {"threads": linmaps.get_num_threads()}
+
+    def set_num_threads(self, n):
+        linmaps.set_num_threads(n)
+
+
+class CpuLevelBackend(LinmapsBackend):
+    """``cpp@LEVEL``: the compiled backend forced to one instruction-set level.
+
+    Runs in a worker started with ``LINMAPS_CPU=LEVEL``, so one run compares, for example,
+    the dispatched kernels with a ``-march=native`` build's (``cpp@native``) or the baseline.
+    """
+
+    def __init__(self, level):
+        super().__init__("cpp")
+        self.name = f"cpp@{level}"
+        self.level = level
+
+    def unavailable_reason(self):
+        if "cpp" not in linmaps.available_backends():
+            return LinmapsBackend("cpp").unavailable_reason()
+        from linmaps import _cpp_backend
+
+        if self.level not in _cpp_backend.available_isas:
+            return f"level {self.level!r} not available here ({list(_cpp_backend.available_isas)})"
+        return None
+
+    def worker_env(self):
+        return {"LINMAPS_CPU": self.level}
+
+    def info(self):
+        from linmaps import _cpp_backend
+
+        return {**super().info(), "isa": _cpp_backend.isa}
+
+
+class TorchBackend(Backend):
+    """``torch.nn.functional.linear``/``bilinear`` on CPU and autograd for the backward pass.
+
+    Forward runs under ``torch.no_grad()`` (it saves nothing, like linmaps' forward). Backward
+    alone is ``torch.autograd.grad`` on a graph built once beforehand (``retain_graph``), so it
+    times exactly the backward kernels; fwd+bwd builds the graph in each call. Inputs are
+    ``torch.from_numpy`` views (no copy), made outside the timed region.
+    """
+
+    name = "torch"
+    builtin = True
+
+    def unavailable_reason(self):
+        try:
+            importlib.import_module("torch")
+        except Exception as exc:  # not installed, or a broken install: either way unavailable
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def info(self):
+        import torch
+
+        return {"version": torch.__version__, "threads": torch.get_num_threads()}
+
+    def set_num_threads(self, n):
+        import torch
+
+        torch.set_num_threads(n)
+
+    def prepare(self, case, inputs):
+        import torch
+
+        return {name: torch.from_numpy(array) for name, array in inputs.items()}
+
+    def context(self, op):
+        import torch
+
+        return torch.no_grad() if op == "forward" else torch.enable_grad()
+
+    def operation(self, case, op, prepared):
+        import torch
+        import torch.nn.functional as F
+
+        args = ["x", "weight", "bias"] if case.kind == "linear" else ["x1", "x2", "weight", "bias"]
+        function = F.linear if case.kind == "linear" else F.bilinear
+        if op == "forward":
+            inputs = [prepared[name] for name in args]
+            return lambda: (function(*inputs),)
+        # Fresh leaves per operation: detach() shares the memory, requires_grad_ marks them.
+        leaves = [prepared[name].detach().requires_grad_() for name in args]
+        grad_out = prepared["grad_out"]
+        if op == "backward":
+            with torch.enable_grad():
+                out = function(*leaves)
+            return lambda: tuple(torch.autograd.grad(out, leaves, grad_out, retain_graph=True))
+
+        def forward_backward():
+            out = function(*leaves)
+            return (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
+
+        return forward_backward
+
+    def to_numpy(self, outputs):
+        return [None if o is None else o.detach().numpy() for o in outputs]
+
+
+class ThreadCountBackend(Backend):
+    """``NAME/T``: backend ``NAME`` with ``T`` threads, whatever the suite's ``--threads``.
+
+    Listed next to ``NAME`` (``--backends cpp,cpp/1``), one run measures the thread scaling:
+    the summary's ``cpp vs cpp/1`` column is the speed-up of ``--threads`` over one thread,
+    both timed in the same run.
+    """
+
+    def __init__(self, base: Backend, threads: int):
+        self.base, self.threads = base, threads
+        self.name = f"{base.name}/{threads}"
+        self.builtin = base.builtin
+        self.runs_mixed = base.runs_mixed
+
+    def unavailable_reason(self):
+        return self.base.unavailable_reason()
+
+    def worker_env(self):
+        return self.base.worker_env()
+
+    def info(self):
+        return self.base.info()
+
+    def set_num_threads(self, n):
+        self.base.set_num_threads(n)
+
+    def threads_for(self, suite_threads):
+        return self.threads
+
+    def prepare(self, case, inputs):
+        return self.base.prepare(case, inputs)
+
+    def operation(self, case, op, prepared):
+        return self.base.operation(case, op, prepared)
+
+    def context(self, op):
+        return self.base.context(op)
+
+    def to_numpy(self, outputs):
+        return self.base.to_numpy(outputs)
+
+
+BACKENDS: dict = {}
+# The backends a run uses when none are named (``--backends``' default), in this order.
+DEFAULT_BACKENDS: list = []
+
+
+def register_backend(backend: Backend, default: bool = False) -> None:
+    """Add (or replace) a backend in the registry under ``backend.name``; ``default=True``
+    also puts it in the runs that name no backends (:data:`DEFAULT_BACKENDS`)."""
+    BACKENDS[backend.name] = backend
+    if default and backend.name not in DEFAULT_BACKENDS:
+        DEFAULT_BACKENDS.append(backend.name)
+
+
+def lookup_backend(name: str) -> Backend:
+    """The registered backend ``name``; ``cpp@LEVEL`` and ``NAME/T`` ones are made on first use."""
+    if name not in BACKENDS:
+        base_name, slash, threads = name.rpartition("/")
+        if slash and threads.isdigit() and int(threads) >= 1:
+            register_backend(ThreadCountBackend(lookup_backend(base_name), int(threads)))
+        elif name.startswith("cpp@"):
+            register_backend(CpuLevelBackend(name[len("cpp@") :]))
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r}; known: {', '.join(BACKENDS)}, cpp@LEVEL, NAME/THREADS"
+        )
+    return BACKENDS[name]
+
+
+def resolve_backends(backends) -> list:
+    """Backends given by name or as objects, as objects; a name listed twice is an error."""
+    resolved = [lookup_backend(b) if isinstance(b, str) else b for b in backends]
+    if len({b.name for b in resolved}) != len(resolved):
+        raise ValueError("a backend is listed twice")
+    return resolved
+
+
+# The builtin backends. A new one: its class above, and one line here.
+register_backend(LinmapsBackend("cpp"), default=True)
+register_backend(LinmapsBackend("python"), default=True)
+register_backend(TorchBackend(), default=True)

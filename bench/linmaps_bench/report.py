@@ -1,0 +1,120 @@
+"""The printed report and the PNG chart of a record (:func:`linmaps_bench.run_suite`)."""
+
+from __future__ import annotations
+
+import os
+
+from .cases import case_kinds
+from .tables import available_backends, backend_color, backend_names
+
+
+def format_header(result) -> str:
+    """Machine, versions, reference rate and backends; before any case has run, the GEMM end
+    rate is not known yet and the line says so."""
+    settings, machine, versions = result["settings"], result["machine"], result["versions"]
+    gemm = result["reference_gemm"]
+    duration = f" ({result['duration_s']:.0f} s)" if "duration_s" in result else ""
+    if gemm.get("gflops_end") is None:
+        rate = f"{gemm['gflops_start']:.1f} GFLOP/s at the start (the 'of GEMM' columns)"
+    else:
+        rate = (
+            f"{gemm['gflops']:.1f} GFLOP/s (start {gemm['gflops_start']:.1f}, "
+            f"end {gemm['gflops_end']:.1f})"
+        )
+    lines = [
+        f"linmaps benchmark, {result['started']}{duration}"
+        f"{'  [--quick]' if settings['quick'] else ''}",
+        f"machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs; "
+        f"{settings['dtype']}, {settings['threads']} threads for every backend",
+        f"versions: linmaps {versions['linmaps']}, numpy {versions['numpy']}, "
+        f"torch {versions['torch'] or '-'}; build SIMD: {versions['build_simd'] or '-'}",
+        f"reference: numpy.matmul {gemm['size']}x{gemm['size']} {gemm['dtype']}: {rate}",
+    ]
+    for name, status in result["backends"].items():
+        if status["available"]:
+            lines.append(f"backend {name}: available")
+        else:
+            lines.append(f"backend {name}: UNAVAILABLE ({status['reason']})")
+    return "\n".join(lines)
+
+
+def format_cases(result) -> list:
+    """Every kind's tables, kinds in their order."""
+    parts = []
+    for case_kind in case_kinds():
+        records = result.get(case_kind.section, [])
+        if records:
+            parts.append(case_kind.format(records, result))
+    return parts
+
+
+def format_summary(result) -> str:
+    """Each kind's summary (the linear and bilinear table, the mixing ratios, ...)."""
+    parts = []
+    for case_kind in case_kinds():
+        part = case_kind.summary(result.get(case_kind.section, []), result)
+        if part:
+            parts.append(part)
+    text = "\n".join(parts)
+    return text if text.startswith("summary") else "summary: " + text
+
+
+def format_report(result) -> str:
+    """The whole report at once: header, every case's table, summary."""
+    return "\n\n".join([format_header(result), *format_cases(result), format_summary(result)])
+
+
+def plot(result, path) -> str:
+    """Write the PNG chart: each kind's panels (see ``CaseKind.chart_panels``), one above the
+    other, under a title and one legend of the backends' colours.
+
+    Returns the path; raises ImportError if matplotlib is missing (the caller reports it).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    panels = []
+    n_cases = 1
+    for case_kind in case_kinds():
+        records = result.get(case_kind.section, [])
+        panels += case_kind.chart_panels(records, result)
+        n_cases = max(n_cases, len(records))
+    names = available_backends(result)
+    missing = [n for n in backend_names(result) if n not in names]
+    heights = [height for height, _ in panels] or [1.0]
+    fig_height = sum(heights) + 0.9  # 0.9 inch on top for the title and the legend
+    fig = plt.figure(figsize=(max(8, 1.1 * n_cases + 3), fig_height))
+    grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    for row, (_, draw) in enumerate(panels):
+        draw(fig.add_subplot(grid[row, 0]))
+    handles = [Patch(color=backend_color(result, name)) for name in names]
+    labels = list(names)
+    if missing:
+        labels.append(f"not run: {', '.join(missing)} (unavailable)")
+        handles.append(plt.Line2D([], [], linestyle="none"))
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=len(labels),
+        fontsize=8,
+        bbox_to_anchor=(0.5, 1 - 0.45 / fig_height),
+        frameon=False,
+    )
+    settings = result["settings"]
+    fig.suptitle(
+        f"linmaps: {settings['dtype']}, {settings['threads']} threads, "
+        f"{result['machine']['cpu_model']}, {result['started'][:10]}",
+        fontsize=10,
+        y=1 - 0.06 / fig_height,
+        va="top",
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig_height))
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -19,11 +19,25 @@ BilinearShape bilinear_shape(const Array<T>& x1, const Array<T>& x2, const Array
   return shape;
 }
 
+// Throws ValueError unless `kept` is a 1-D buffer large enough for the T of this shape.
+template <class T>
+void require_kept(const std::optional<Array<T>>& kept, const BilinearShape& shape) {
+  if (!kept) return;
+  require_ndim(*kept, "kept", 1);
+  const Index needed = bilinear_kept_elements<T>(shape);
+  if (kept->shape(0) < needed) {
+    throw std::invalid_argument("kept must have at least " + std::to_string(needed) +
+                                " elements for this shape, got " + binding::shape_string(*kept));
+  }
+}
+
 template <class T>
 Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array<T>& weight,
-                             const std::optional<Array<T>>& bias) {
+                             const std::optional<Array<T>>& bias, std::optional<Array<T>> kept) {
   const BilinearShape shape = bilinear_shape(x1, x2, weight);
   if (bias) require_shape(*bias, "bias", {shape.out});
+  require_kept(kept, shape);
+  T* kept_data = kept ? kept->mutable_data() : nullptr;
 
   Array<T> z = new_array<T>({shape.batch, shape.out});
   const T* bias_data = bias ? bias->data() : nullptr;
@@ -33,8 +47,9 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
   const int num_threads = binding::threads_for(flops);
   binding::CallScope call(flops);
   {
-    py::gil_scoped_release release;
-    bilinear_forward<T>(x1_data, x2_data, weight_data, bias_data, z_data, shape, num_threads);
+    binding::ReleaseGil release(flops);
+    bilinear_forward<T>(x1_data, x2_data, weight_data, bias_data, z_data, kept_data, shape,
+                        num_threads);
   }
   call.raise_if_stopped();
   return z;
@@ -42,36 +57,32 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
 
 template <class T>
 py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const Array<T>& x2,
-                               const Array<T>& weight, bool need_x1, bool need_x2, bool need_weight,
-                               bool need_bias) {
+                               const Array<T>& weight, const std::optional<Array<T>>& kept,
+                               bool need_x1, bool need_x2, bool need_weight, bool need_bias) {
   const BilinearShape shape = bilinear_shape(x1, x2, weight);
   require_shape(grad, "grad", {shape.batch, shape.out});
+  require_kept(kept, shape);
+  const T* kept_data = kept ? kept->data() : nullptr;
 
-  // Unrequested gradients get a 0-size placeholder and a null pointer: no work, no memory.
-  Array<T> grad_x1 = new_array<T>({need_x1 ? shape.batch : 0, need_x1 ? shape.in1 : 0});
-  Array<T> grad_x2 = new_array<T>({need_x2 ? shape.batch : 0, need_x2 ? shape.in2 : 0});
-  Array<T> grad_weight = new_array<T>(
-      {need_weight ? shape.out : 0, need_weight ? shape.in1 : 0, need_weight ? shape.in2 : 0});
-  Array<T> grad_bias = new_array<T>({need_bias ? shape.out : 0});
+  binding::Gradient<T> grad_x1(need_x1, {shape.batch, shape.in1});
+  binding::Gradient<T> grad_x2(need_x2, {shape.batch, shape.in2});
+  binding::Gradient<T> grad_weight(need_weight, {shape.out, shape.in1, shape.in2});
+  binding::Gradient<T> grad_bias(need_bias, {shape.out});
   const T *grad_data = grad.data(), *x1_data = x1.data(), *x2_data = x2.data();
   const T* weight_data = weight.data();
-  T* grad_x1_data = binding::data_or_null(need_x1, grad_x1);
-  T* grad_x2_data = binding::data_or_null(need_x2, grad_x2);
-  T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
-  T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
+  T *grad_x1_data = grad_x1.data(), *grad_x2_data = grad_x2.data();
+  T *grad_weight_data = grad_weight.data(), *grad_bias_data = grad_bias.data();
   const double flops = binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out});
   const int num_threads = binding::threads_for(flops);
   binding::CallScope call(flops);
   {
-    py::gil_scoped_release release;
-    bilinear_backward<T>(grad_data, x1_data, x2_data, weight_data, grad_x1_data, grad_x2_data,
-                         grad_weight_data, grad_bias_data, shape, num_threads);
+    binding::ReleaseGil release(flops);
+    bilinear_backward<T>(grad_data, x1_data, x2_data, weight_data, kept_data, grad_x1_data,
+                         grad_x2_data, grad_weight_data, grad_bias_data, shape, num_threads);
   }
   call.raise_if_stopped();
-  return py::make_tuple(binding::array_or_none(need_x1, grad_x1),
-                        binding::array_or_none(need_x2, grad_x2),
-                        binding::array_or_none(need_weight, grad_weight),
-                        binding::array_or_none(need_bias, grad_bias));
+  return py::make_tuple(grad_x1.result(), grad_x2.result(), grad_weight.result(),
+                        grad_bias.result());
 }
 
 // The front end's fast path: the result if every argument is already exactly what the
@@ -96,7 +107,7 @@ py::object bilinear_forward_fast_t(py::handle x1, py::handle x2, py::handle weig
     b = py::reinterpret_borrow<Array<T>>(bias);
     if (b->shape(0) != w.shape(0)) return py::none();
   }
-  return bilinear_forward_py<T>(a1, a2, w, b);
+  return bilinear_forward_py<T>(a1, a2, w, b, std::nullopt);
 }
 
 py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight, py::handle bias) {
@@ -108,17 +119,175 @@ py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight
   return py::none();
 }
 
+// bilinear_backward's fast path, as bilinear_forward_fast: the gradients if every array is
+// exact and fits and every flag is exactly True or False, else None.
+template <class T>
+py::object bilinear_backward_fast_t(py::handle grad, py::handle x1, py::handle x2,
+                                    py::handle weight, const bool (&needs)[4]) {
+  using binding::exact_array;
+  if (!exact_array<T>(grad, 2) || !exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) ||
+      !exact_array<T>(weight, 3)) {
+    return py::none();
+  }
+  const auto g = py::reinterpret_borrow<Array<T>>(grad);
+  const auto a1 = py::reinterpret_borrow<Array<T>>(x1);
+  const auto a2 = py::reinterpret_borrow<Array<T>>(x2);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1) ||
+      g.shape(0) != a1.shape(0) || g.shape(1) != w.shape(0)) {
+    return py::none();
+  }
+  return bilinear_backward_py<T>(g, a1, a2, w, std::nullopt, needs[0], needs[1], needs[2],
+                                 needs[3]);
+}
+
+py::object bilinear_backward_fast(py::handle grad, py::handle x1, py::handle x2, py::handle weight,
+                                  py::handle bias, py::handle need_x1, py::handle need_x2,
+                                  py::handle need_weight) {
+  bool needs[4];
+  if (!binding::exact_bools({need_x1, need_x2, need_weight, bias}, needs)) return py::none();
+  if (binding::exact_array<float>(grad, 2)) {
+    return bilinear_backward_fast_t<float>(grad, x1, x2, weight, needs);
+  }
+  if (binding::exact_array<double>(grad, 2)) {
+    return bilinear_backward_fast_t<double>(grad, x1, x2, weight, needs);
+  }
+  return py::none();
+}
+
+// The Bilinear layer's forward fast path (python/linmaps/_layers.py): for exact arguments,
+// (z, x1 kept, x2 kept, T buffer or None) -- the inputs copied if copy_inputs, T kept if it
+// fits keep_bytes, in `kept` if that is a large enough buffer; else None.
+template <class T>
+py::object bilinear_layer_forward_t(py::handle x1, py::handle x2, py::handle weight,
+                                    py::handle bias, py::handle kept, Index keep_bytes,
+                                    bool copy_inputs) {
+  using binding::exact_array;
+  if (!exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) || !exact_array<T>(weight, 3)) {
+    return py::none();
+  }
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  Array<T> a1 = py::reinterpret_borrow<Array<T>>(x1);
+  Array<T> a2 = py::reinterpret_borrow<Array<T>>(x2);
+  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1)) {
+    return py::none();
+  }
+  std::optional<Array<T>> b;
+  if (!bias.is_none()) {
+    if (!exact_array<T>(bias, 1)) return py::none();
+    b = py::reinterpret_borrow<Array<T>>(bias);
+    if (b->shape(0) != w.shape(0)) return py::none();
+  }
+  const BilinearShape shape{a1.shape(0), a1.shape(1), a2.shape(1), w.shape(0)};
+  std::optional<Array<T>> t;
+  const Index elements = bilinear_kept_elements<T>(shape);
+  if (elements <= keep_bytes / Index(sizeof(T))) {
+    if (exact_array<T>(kept, 1) && py::reinterpret_borrow<py::array>(kept).shape(0) >= elements) {
+      t = py::reinterpret_borrow<Array<T>>(kept);
+    } else {
+      t = new_array<T>({elements});
+    }
+  }
+  if (copy_inputs) {
+    a1 = binding::copy_of(a1);
+    a2 = binding::copy_of(a2);
+  }
+  Array<T> z = bilinear_forward_py<T>(a1, a2, w, b, t);
+  return py::make_tuple(z, a1, a2, t ? py::object(*t) : py::object(py::none()));
+}
+
+py::object bilinear_layer_forward(py::handle x1, py::handle x2, py::handle weight, py::handle bias,
+                                  py::handle kept, Index keep_bytes, bool copy_inputs) {
+  if (binding::exact_array<float>(weight, 3)) {
+    return bilinear_layer_forward_t<float>(x1, x2, weight, bias, kept, keep_bytes, copy_inputs);
+  }
+  if (binding::exact_array<double>(weight, 3)) {
+    return bilinear_layer_forward_t<double>(x1, x2, weight, bias, kept, keep_bytes, copy_inputs);
+  }
+  return py::none();
+}
+
+// The Bilinear layer's backward fast path: for exact arguments, adds the parameter gradients to
+// the accumulators (None: not wanted) and returns (grad_x1, grad_x2); else None.
+template <class T>
+py::object bilinear_layer_backward_t(py::handle grad, py::handle x1, py::handle x2,
+                                     py::handle weight, py::handle kept, const bool (&needs)[2],
+                                     py::handle acc_weight, py::handle acc_bias) {
+  using binding::exact_array;
+  if (!exact_array<T>(grad, 2) || !exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) ||
+      !exact_array<T>(weight, 3)) {
+    return py::none();
+  }
+  const auto g = py::reinterpret_borrow<Array<T>>(grad);
+  const auto a1 = py::reinterpret_borrow<Array<T>>(x1);
+  const auto a2 = py::reinterpret_borrow<Array<T>>(x2);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1) ||
+      g.shape(0) != a1.shape(0) || g.shape(1) != w.shape(0)) {
+    return py::none();
+  }
+  const BilinearShape shape{a1.shape(0), a1.shape(1), a2.shape(1), w.shape(0)};
+  std::optional<Array<T>> t;
+  if (!kept.is_none()) {
+    if (!exact_array<T>(kept, 1) ||
+        py::reinterpret_borrow<py::array>(kept).shape(0) < bilinear_kept_elements<T>(shape)) {
+      return py::none();
+    }
+    t = py::reinterpret_borrow<Array<T>>(kept);
+  }
+  if (!binding::accumulator_fits<T>(acc_weight, w)) return py::none();
+  if (!acc_bias.is_none()) {
+    if (!exact_array<T>(acc_bias, 1) ||
+        py::reinterpret_borrow<py::array>(acc_bias).shape(0) != shape.out) {
+      return py::none();
+    }
+  }
+  py::tuple grads = bilinear_backward_py<T>(g, a1, a2, w, t, needs[0], needs[1],
+                                            !acc_weight.is_none(), !acc_bias.is_none());
+  binding::accumulate<T>(acc_weight, grads[2]);
+  binding::accumulate<T>(acc_bias, grads[3]);
+  return py::make_tuple(grads[0], grads[1]);
+}
+
+py::object bilinear_layer_backward(py::handle grad, py::handle x1, py::handle x2, py::handle weight,
+                                   py::handle kept, py::handle need_x1, py::handle need_x2,
+                                   py::handle acc_weight, py::handle acc_bias) {
+  bool needs[2];
+  if (!binding::exact_bools({need_x1, need_x2}, needs)) return py::none();
+  if (binding::exact_array<float>(weight, 3)) {
+    return bilinear_layer_backward_t<float>(grad, x1, x2, weight, kept, needs, acc_weight,
+                                            acc_bias);
+  }
+  if (binding::exact_array<double>(weight, 3)) {
+    return bilinear_layer_backward_t<double>(grad, x1, x2, weight, kept, needs, acc_weight,
+                                             acc_bias);
+  }
+  return py::none();
+}
+
+Index bilinear_kept_elements_py(Index batch, Index in1, Index in2, Index out, Index itemsize) {
+  if (batch < 0 || in1 < 0 || in2 < 0 || out < 0) {
+    throw std::invalid_argument("bilinear_kept_elements: negative size");
+  }
+  const BilinearShape shape{batch, in1, in2, out};
+  if (itemsize == sizeof(float)) return bilinear_kept_elements<float>(shape);
+  if (itemsize == sizeof(double)) return bilinear_kept_elements<double>(shape);
+  throw std::invalid_argument("bilinear_kept_elements: itemsize must be 4 or 8");
+}
+
 template <class T>
 void define(py::module_& m) {
   m.def("bilinear_forward", &bilinear_forward_py<T>, py::arg("x1").noconvert(),
         py::arg("x2").noconvert(), py::arg("weight").noconvert(),
-        py::arg("bias").noconvert().none(true),
+        py::arg("bias").noconvert().none(true), py::arg("kept").noconvert().none(true) = py::none(),
         "z[k,l] = x1[k] @ weight[l] @ x2[k] + bias[l] for C-contiguous float32/float64 "
-        "arrays of one dtype.");
+        "arrays of one dtype; T kept in `kept` (1-D, bilinear_kept_elements long) if given.");
   m.def("bilinear_backward", &bilinear_backward_py<T>, py::arg("grad").noconvert(),
         py::arg("x1").noconvert(), py::arg("x2").noconvert(), py::arg("weight").noconvert(),
-        py::arg("need_x1"), py::arg("need_x2"), py::arg("need_weight"), py::arg("need_bias"),
-        "(grad_x1, grad_x2, grad_weight, grad_bias); None for gradients not requested.");
+        py::arg("kept").noconvert().none(true), py::arg("need_x1"), py::arg("need_x2"),
+        py::arg("need_weight"), py::arg("need_bias"),
+        "(grad_x1, grad_x2, grad_weight, grad_bias); None for gradients not requested. "
+        "`kept`: what bilinear_forward kept for the same arguments, or None.");
 }
 
 }  // namespace
@@ -130,6 +299,23 @@ void bind_bilinear(py::module_& m) {
         py::arg("weight"), py::arg("bias").none(true),
         "bilinear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of "
         "one dtype and matching shapes, else None (never raises for bad arguments).");
+  m.def("bilinear_backward_fast", &bilinear_backward_fast, py::arg("grad"), py::arg("x1"),
+        py::arg("x2"), py::arg("weight"), py::arg("bias"), py::arg("need_x1"), py::arg("need_x2"),
+        py::arg("need_weight"),
+        "bilinear_backward (no kept T) if the arrays are exact C-contiguous float32/float64 "
+        "ndarrays of one dtype and matching shapes and the flags are True/False, else None.");
+  m.def("bilinear_layer_forward_fast", &bilinear_layer_forward, py::arg("x1"), py::arg("x2"),
+        py::arg("weight"), py::arg("bias").none(true), py::arg("kept").none(true),
+        py::arg("keep_bytes"), py::arg("copy_inputs"),
+        "Bilinear layer forward for exact arguments: (z, x1, x2, kept T or None), else None.");
+  m.def("bilinear_layer_backward_fast", &bilinear_layer_backward, py::arg("grad"), py::arg("x1"),
+        py::arg("x2"), py::arg("weight"), py::arg("kept").none(true), py::arg("need_x1"),
+        py::arg("need_x2"), py::arg("acc_weight").none(true), py::arg("acc_bias").none(true),
+        "Bilinear layer backward for exact arguments: accumulates the parameter gradients and "
+        "returns (grad_x1, grad_x2), else None.");
+  m.def("bilinear_kept_elements", &bilinear_kept_elements_py, py::arg("batch"), py::arg("in1"),
+        py::arg("in2"), py::arg("out"), py::arg("itemsize"),
+        "Length of the buffer bilinear_forward keeps T in, for this shape and item size.");
 }
 
 }  // namespace linmaps

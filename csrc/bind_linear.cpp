@@ -25,7 +25,7 @@ Array<T> linear_forward_py(const Array<T>& x, const Array<T>& weight,
   const int num_threads = binding::threads_for(flops);
   binding::CallScope call(flops);
   {
-    py::gil_scoped_release release;
+    binding::ReleaseGil release(flops);
     linear_forward<T>(x_data, weight_data, bias_data, y_data, shape, num_threads);
   }
   call.raise_if_stopped();
@@ -41,26 +41,22 @@ py::tuple linear_backward_py(const Array<T>& grad, const Array<T>& x, const Arra
   require_shape(weight, "weight", {shape.out, shape.in});
   require_shape(grad, "grad", {shape.batch, shape.out});
 
-  // Unrequested gradients get a 0-size placeholder and a null pointer: no work, no memory.
-  Array<T> grad_x = new_array<T>({need_x ? shape.batch : 0, need_x ? shape.in : 0});
-  Array<T> grad_weight = new_array<T>({need_weight ? shape.out : 0, need_weight ? shape.in : 0});
-  Array<T> grad_bias = new_array<T>({need_bias ? shape.out : 0});
+  binding::Gradient<T> grad_x(need_x, {shape.batch, shape.in});
+  binding::Gradient<T> grad_weight(need_weight, {shape.out, shape.in});
+  binding::Gradient<T> grad_bias(need_bias, {shape.out});
   const T *grad_data = grad.data(), *x_data = x.data(), *weight_data = weight.data();
-  T* grad_x_data = binding::data_or_null(need_x, grad_x);
-  T* grad_weight_data = binding::data_or_null(need_weight, grad_weight);
-  T* grad_bias_data = binding::data_or_null(need_bias, grad_bias);
+  T *grad_x_data = grad_x.data(), *grad_weight_data = grad_weight.data();
+  T* grad_bias_data = grad_bias.data();
   const double flops = binding::product_flops({shape.batch, shape.in, shape.out});
   const int num_threads = binding::threads_for(flops);
   binding::CallScope call(flops);
   {
-    py::gil_scoped_release release;
+    binding::ReleaseGil release(flops);
     linear_backward<T>(grad_data, x_data, weight_data, grad_x_data, grad_weight_data,
                        grad_bias_data, shape, num_threads);
   }
   call.raise_if_stopped();
-  return py::make_tuple(binding::array_or_none(need_x, grad_x),
-                        binding::array_or_none(need_weight, grad_weight),
-                        binding::array_or_none(need_bias, grad_bias));
+  return py::make_tuple(grad_x.result(), grad_weight.result(), grad_bias.result());
 }
 
 // The front end's fast path (see bilinear_forward_fast): the result if the arguments are
@@ -87,6 +83,111 @@ py::object linear_forward_fast(py::handle x, py::handle weight, py::handle bias)
   return py::none();
 }
 
+// linear_backward's fast path, as bilinear_backward_fast: the gradients if every array is
+// exact and fits and every flag is exactly True or False, else None.
+template <class T>
+py::object linear_backward_fast_t(py::handle grad, py::handle x, py::handle weight,
+                                  const bool (&needs)[3]) {
+  using binding::exact_array;
+  if (!exact_array<T>(grad, 2) || !exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) {
+    return py::none();
+  }
+  const auto g = py::reinterpret_borrow<Array<T>>(grad);
+  const auto a = py::reinterpret_borrow<Array<T>>(x);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (w.shape(1) != a.shape(1) || g.shape(0) != a.shape(0) || g.shape(1) != w.shape(0)) {
+    return py::none();
+  }
+  return linear_backward_py<T>(g, a, w, needs[0], needs[1], needs[2]);
+}
+
+py::object linear_backward_fast(py::handle grad, py::handle x, py::handle weight, py::handle bias,
+                                py::handle need_x, py::handle need_weight) {
+  bool needs[3];
+  if (!binding::exact_bools({need_x, need_weight, bias}, needs)) return py::none();
+  if (binding::exact_array<float>(grad, 2)) {
+    return linear_backward_fast_t<float>(grad, x, weight, needs);
+  }
+  if (binding::exact_array<double>(grad, 2)) {
+    return linear_backward_fast_t<double>(grad, x, weight, needs);
+  }
+  return py::none();
+}
+
+// The Linear layer's forward fast path (python/linmaps/_layers.py): for exact arguments,
+// (y, x kept: a copy if copy_inputs), else None.
+template <class T>
+py::object linear_layer_forward_t(py::handle x, py::handle weight, py::handle bias,
+                                  bool copy_inputs) {
+  using binding::exact_array;
+  if (!exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) return py::none();
+  Array<T> a = py::reinterpret_borrow<Array<T>>(x);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (w.shape(1) != a.shape(1)) return py::none();
+  std::optional<Array<T>> b;
+  if (!bias.is_none()) {
+    if (!exact_array<T>(bias, 1)) return py::none();
+    b = py::reinterpret_borrow<Array<T>>(bias);
+    if (b->shape(0) != w.shape(0)) return py::none();
+  }
+  if (copy_inputs) a = binding::copy_of(a);
+  Array<T> y = linear_forward_py<T>(a, w, b);
+  return py::make_tuple(y, a);
+}
+
+py::object linear_layer_forward(py::handle x, py::handle weight, py::handle bias,
+                                bool copy_inputs) {
+  if (binding::exact_array<float>(weight, 2)) {
+    return linear_layer_forward_t<float>(x, weight, bias, copy_inputs);
+  }
+  if (binding::exact_array<double>(weight, 2)) {
+    return linear_layer_forward_t<double>(x, weight, bias, copy_inputs);
+  }
+  return py::none();
+}
+
+// The Linear layer's backward fast path: for exact arguments, adds the parameter gradients to
+// the accumulators (None: not wanted) and returns the 1-tuple (grad_x or None,); else None.
+template <class T>
+py::object linear_layer_backward_t(py::handle grad, py::handle x, py::handle weight, bool need_x,
+                                   py::handle acc_weight, py::handle acc_bias) {
+  using binding::exact_array;
+  if (!exact_array<T>(grad, 2) || !exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) {
+    return py::none();
+  }
+  const auto g = py::reinterpret_borrow<Array<T>>(grad);
+  const auto a = py::reinterpret_borrow<Array<T>>(x);
+  const auto w = py::reinterpret_borrow<Array<T>>(weight);
+  if (w.shape(1) != a.shape(1) || g.shape(0) != a.shape(0) || g.shape(1) != w.shape(0)) {
+    return py::none();
+  }
+  if (!binding::accumulator_fits<T>(acc_weight, w)) return py::none();
+  if (!acc_bias.is_none()) {
+    if (!exact_array<T>(acc_bias, 1) ||
+        py::reinterpret_borrow<py::array>(acc_bias).shape(0) != w.shape(0)) {
+      return py::none();
+    }
+  }
+  py::tuple grads =
+      linear_backward_py<T>(g, a, w, need_x, !acc_weight.is_none(), !acc_bias.is_none());
+  binding::accumulate<T>(acc_weight, grads[1]);
+  binding::accumulate<T>(acc_bias, grads[2]);
+  return py::make_tuple(grads[0]);
+}
+
+py::object linear_layer_backward(py::handle grad, py::handle x, py::handle weight,
+                                 py::handle need_x, py::handle acc_weight, py::handle acc_bias) {
+  bool needs[1];
+  if (!binding::exact_bools({need_x}, needs)) return py::none();
+  if (binding::exact_array<float>(weight, 2)) {
+    return linear_layer_backward_t<float>(grad, x, weight, needs[0], acc_weight, acc_bias);
+  }
+  if (binding::exact_array<double>(weight, 2)) {
+    return linear_layer_backward_t<double>(grad, x, weight, needs[0], acc_weight, acc_bias);
+  }
+  return py::none();
+}
+
 template <class T>
 void define(py::module_& m) {
   m.def("linear_forward", &linear_forward_py<T>, py::arg("x").noconvert(),
@@ -107,6 +208,18 @@ void bind_linear(py::module_& m) {
         py::arg("bias").none(true),
         "linear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of "
         "one dtype and matching shapes, else None (never raises for bad arguments).");
+  m.def("linear_layer_forward_fast", &linear_layer_forward, py::arg("x"), py::arg("weight"),
+        py::arg("bias").none(true), py::arg("copy_inputs"),
+        "Linear layer forward for exact arguments: (y, x kept), else None.");
+  m.def("linear_layer_backward_fast", &linear_layer_backward, py::arg("grad"), py::arg("x"),
+        py::arg("weight"), py::arg("need_x"), py::arg("acc_weight").none(true),
+        py::arg("acc_bias").none(true),
+        "Linear layer backward for exact arguments: accumulates the parameter gradients and "
+        "returns (grad_x,), else None.");
+  m.def("linear_backward_fast", &linear_backward_fast, py::arg("grad"), py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("need_x"), py::arg("need_weight"),
+        "linear_backward if the arrays are exact C-contiguous float32/float64 ndarrays of one "
+        "dtype and matching shapes and the flags are True/False, else None.");
 }
 
 }  // namespace linmaps

@@ -85,14 +85,22 @@ struct BilinearShape {
 };
 
 // z (N,L): z[k,l] = x1[k,:] weight[l] x2[k,:]^T + bias[l]; bias may be null.
+// `kept`, if not null, receives the forward's intermediate T (bilinear.cpp) for the backward:
+// at least bilinear_kept_elements<T>(shape) elements, any alignment.
 template <class T>
-void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, T* z,
+void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, T* z, T* kept,
                       const BilinearShape& shape, int num_threads);
 
+// `kept`, if not null, is what bilinear_forward kept for the same arguments: the backward
+// reads T from it instead of computing it again (same bits either way).
 template <class T>
-void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight, T* grad_x1,
-                       T* grad_x2, T* grad_weight, T* grad_bias, const BilinearShape& shape,
-                       int num_threads);
+void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight, const T* kept,
+                       T* grad_x1, T* grad_x2, T* grad_weight, T* grad_bias,
+                       const BilinearShape& shape, int num_threads);
+
+// Size of the buffer bilinear_forward keeps T in, for this shape.
+template <class T>
+Index bilinear_kept_elements(const BilinearShape& shape);
 
 // ---------------------------------------------------------------------------------------
 // Threads (threads.cpp).

@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <stdexcept>
@@ -86,6 +87,48 @@ bool exact_array(py::handle h, py::ssize_t ndim) {
   return descr->type_num == py::detail::npy_format_descriptor<T>::value && descr->byteorder != '>';
 }
 
+// Whether every flag is exactly True or False (what the validated front end would accept and
+// pass on unchanged); their values go to `out`.
+inline bool exact_bools(std::initializer_list<py::handle> flags, bool* out) {
+  for (py::handle flag : flags) {
+    if (flag.ptr() != Py_True && flag.ptr() != Py_False) return false;
+    *out++ = flag.ptr() == Py_True;
+  }
+  return true;
+}
+
+// A new C-contiguous copy of `array` (a layer's private copy of its input).
+template <class T>
+Array<T> copy_of(const Array<T>& array) {
+  std::vector<py::ssize_t> shape(array.shape(), array.shape() + array.ndim());
+  Array<T> copy(shape);
+  if (array.size() > 0) std::memcpy(copy.mutable_data(), array.data(), array.nbytes());
+  return copy;
+}
+
+// For the layers' fast paths: `acc` if it is None (nothing to accumulate) or an exact array
+// of `like`'s shape; otherwise false (the caller then takes the validated path).
+template <class T>
+bool accumulator_fits(py::handle acc, const py::array& like) {
+  if (acc.is_none()) return true;
+  if (!exact_array<T>(acc, like.ndim())) return false;
+  const auto a = py::reinterpret_borrow<py::array>(acc);
+  for (py::ssize_t axis = 0; axis < like.ndim(); ++axis) {
+    if (a.shape(axis) != like.shape(axis)) return false;
+  }
+  return true;
+}
+
+// acc += grad (elementwise, as numpy.add(acc, grad, out=acc) rounds it) unless acc is None.
+template <class T>
+void accumulate(py::handle acc, const py::object& grad) {
+  if (acc.is_none() || grad.is_none()) return;
+  auto a = py::reinterpret_borrow<Array<T>>(acc);
+  const auto g = py::reinterpret_borrow<Array<T>>(grad);
+  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>(a.mutable_data(), a.size()) +=
+      Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(g.data(), g.size());
+}
+
 // Python's main thread (set at import, bind_threads.cpp): the only thread Python runs signal
 // handlers in, so the only one whose calls poll for Ctrl-C.
 inline unsigned long g_main_thread_ident = 0;
@@ -129,6 +172,21 @@ class CallScope {
   detail::CallStop stop_;
 };
 
+// Calls under this many flops keep the GIL: they take about a microsecond, about what
+// releasing and taking back the GIL costs, and no other Python thread could use the gap.
+constexpr double kReleaseGilFlops = 1.0e5;
+
+// Releases the GIL for the kernel of a call of about `flops` flops (see kReleaseGilFlops).
+class ReleaseGil {
+ public:
+  explicit ReleaseGil(double flops) {
+    if (flops >= kReleaseGilFlops) release_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> release_;
+};
+
 // The threads for a kernel call of about `flops` floating-point operations. A call that will
 // use threads first gives the BLAS threads callback to any OpenBLAS loaded since the last
 // look (threads.cpp), so that a SciPy imported after linmaps shares the pool too.
@@ -144,15 +202,20 @@ inline double product_flops(std::initializer_list<Index> extents) {
   return flops;
 }
 
+// A gradient output: a new array when it is requested, else no array at all (a null pointer
+// for the kernel, None for Python), so that an unrequested gradient costs nothing.
 template <class T>
-py::object array_or_none(bool wanted, Array<T>& array) {
-  return wanted ? py::object(array) : py::object(py::none());
-}
+class Gradient {
+ public:
+  Gradient(bool wanted, std::initializer_list<Index> shape) {
+    if (wanted) array_.emplace(new_array<T>(shape));
+  }
+  T* data() { return array_ ? array_->mutable_data() : nullptr; }
+  py::object result() const { return array_ ? py::object(*array_) : py::object(py::none()); }
 
-template <class T>
-T* data_or_null(bool wanted, Array<T>& array) {
-  return wanted ? array.mutable_data() : nullptr;
-}
+ private:
+  std::optional<Array<T>> array_;
+};
 
 }  // namespace binding
 }  // namespace linmaps

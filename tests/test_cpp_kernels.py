@@ -610,7 +610,7 @@ def test_core_rejects_what_it_cannot_use_without_copying():
     with pytest.raises(ValueError, match="x2"):
         _core.bilinear_forward(x1, np.ones((4, 5)), a, None)
     with pytest.raises(ValueError, match="grad"):
-        _core.bilinear_backward(np.ones((4, 3)), x1, x2, a, True, True, True, True)
+        _core.bilinear_backward(np.ones((4, 3)), x1, x2, a, None, True, True, True, True)
     with pytest.raises(ValueError):
         _core.set_num_threads(0)
 

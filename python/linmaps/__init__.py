@@ -1,9 +1,10 @@
 """linmaps: fast forward and backward passes of linear and bilinear maps for NumPy.
 
 Functional API: :func:`linear`, :func:`linear_backward`, :func:`bilinear`,
-:func:`bilinear_backward`. Backends: ``"cpp"`` (compiled, Eigen + OpenMP, the default when
-present) and ``"python"`` (pure NumPy, the fallback and the test oracle); see
-:func:`get_backend`, :func:`set_backend`, :func:`use_backend` and ``LINMAPS_BACKEND``.
+:func:`bilinear_backward`, :func:`bilinear_with_context`. Layers: :class:`Linear`,
+:class:`Bilinear`. Backends: ``"cpp"`` (compiled, Eigen + OpenMP, the default when present)
+and ``"python"`` (pure NumPy, the fallback and the test oracle); see :func:`get_backend`,
+:func:`set_backend`, :func:`use_backend` and ``LINMAPS_BACKEND``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
-from ._api import BilinearGrads, LinearGrads, bilinear, bilinear_backward, linear, linear_backward
+from ._api import (
+    KEEP_BYTES_DEFAULT,
+    BilinearContext,
+    BilinearGrads,
+    LinearGrads,
+    bilinear,
+    bilinear_backward,
+    bilinear_with_context,
+    linear,
+    linear_backward,
+)
 from ._backend import (
     available_backends,
     get_backend,
@@ -30,7 +41,9 @@ except _PackageNotFoundError:  # running from a source checkout that was never i
     __version__ = "0+unknown"
 
 __all__ = [
+    "KEEP_BYTES_DEFAULT",
     "Bilinear",
+    "BilinearContext",
     "BilinearGrads",
     "Linear",
     "LinearGrads",
@@ -39,6 +52,7 @@ __all__ = [
     "available_backends",
     "bilinear",
     "bilinear_backward",
+    "bilinear_with_context",
     "get_backend",
     "get_num_threads",
     "linear",

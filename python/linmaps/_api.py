@@ -17,13 +17,20 @@ from . import _backend
 from . import _validation as v
 
 __all__ = [
+    "KEEP_BYTES_DEFAULT",
+    "BilinearContext",
     "BilinearGrads",
     "LinearGrads",
     "bilinear",
     "bilinear_backward",
+    "bilinear_with_context",
     "linear",
     "linear_backward",
 ]
+
+#: Default memory budget (bytes) for the intermediate a bilinear forward keeps for its
+#: backward (``bilinear_with_context``, ``Bilinear`` layers): 256 MiB.
+KEEP_BYTES_DEFAULT = 256 * 1024 * 1024
 
 
 class LinearGrads(NamedTuple):
@@ -41,6 +48,11 @@ class BilinearGrads(NamedTuple):
     grad_x2: np.ndarray | None
     grad_weight: np.ndarray | None
     grad_bias: np.ndarray | None
+
+
+# The fast paths build their result tuples with tuple.__new__: a NamedTuple's own constructor
+# is a Python function, and costs a tenth of a tiny backward.
+_tuple_new = tuple.__new__
 
 
 class _Shapes:
@@ -163,6 +175,12 @@ def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=
         ``(grad_x (..., in_features), grad_weight (out_features, in_features),
         grad_bias (out_features,))``, each None when not requested.
     """
+    # Fast path, as in linear(): exact arrays and flags go straight to the compiled kernel.
+    fast = _backend.fast_core
+    if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+        grads = fast.linear_backward_fast(grad_out, x, weight, bias, need_x, need_weight)
+        if grads is not None:
+            return _tuple_new(LinearGrads, grads)
     fname = "linear_backward"
     need_bias = v.check_flag(fname, "bias", bias)
     need_x = v.check_flag(fname, "need_x", need_x)
@@ -214,6 +232,32 @@ def _check_bilinear(fname, x1, x2, weight):
     v.check_features(fname, "input2", x2.shape[-1], weight.shape[-1], shapes)
 
 
+def _prepared_bilinear(fname, x1, x2, weight, bias):
+    """The validated forward arguments: ``(x1, x2, weight, bias)`` as C-contiguous 2-D/3-D arrays
+    in the compute dtype, the result dtype, the batch shape and the output shape."""
+    x1 = v.as_array(fname, "input1", x1)
+    x2 = v.as_array(fname, "input2", x2)
+    weight = v.as_array(fname, "weight", weight)
+    _check_bilinear(fname, x1, x2, weight)
+    out_shape = weight.shape[:-2]
+    in1, in2 = weight.shape[-2:]
+    arrays = [x1, x2, weight]
+    if bias is not None:
+        bias = v.as_array(fname, "bias", bias)
+        v.check_bias(fname, bias, out_shape, weight.shape)
+        arrays.append(bias)
+    dtype = v.result_dtype(*arrays)
+    work = v.compute_dtype(dtype)
+    out_features = math.prod(out_shape)
+    prepared = (
+        v.contiguous(_flat(x1, in1), work),
+        v.contiguous(_flat(x2, in2), work),
+        v.contiguous(weight.reshape(out_features, in1, in2), work),
+        None if bias is None else v.contiguous(bias.reshape(out_features), work),
+    )
+    return prepared, dtype, x1, x2, weight
+
+
 def bilinear(x1, x2, weight, bias=None):
     """Apply the bilinear map ``z[..., l] = x1 @ weight[l] @ x2 + bias[l]``.
 
@@ -239,6 +283,10 @@ def bilinear(x1, x2, weight, bias=None):
         If the shapes do not fit together.
     TypeError
         If an argument has an unsupported dtype.
+
+    See Also
+    --------
+    bilinear_with_context : the same forward, keeping what makes the backward cheaper.
     """
     # Fast path: arguments already exact C-contiguous float32/float64 ndarrays of one dtype and
     # fitting shapes go straight to the same compiled kernel (None otherwise: validate below).
@@ -247,32 +295,138 @@ def bilinear(x1, x2, weight, bias=None):
         z = fast.bilinear_forward_fast(x1, x2, weight, bias)
         if z is not None:
             return z
-    fname = "bilinear"
-    x1 = v.as_array(fname, "input1", x1)
-    x2 = v.as_array(fname, "input2", x2)
-    weight = v.as_array(fname, "weight", weight)
-    _check_bilinear(fname, x1, x2, weight)
-    out_shape = weight.shape[:-2]
-    in1, in2 = weight.shape[-2:]
-    arrays = [x1, x2, weight]
-    if bias is not None:
-        bias = v.as_array(fname, "bias", bias)
-        v.check_bias(fname, bias, out_shape, weight.shape)
-        arrays.append(bias)
-    dtype = v.result_dtype(*arrays)
-    work = v.compute_dtype(dtype)
-    out_features = math.prod(out_shape)
-    z = _backend.current().bilinear_forward(
-        v.contiguous(_flat(x1, in1), work),
-        v.contiguous(_flat(x2, in2), work),
-        v.contiguous(weight.reshape(out_features, in1, in2), work),
-        None if bias is None else v.contiguous(bias.reshape(math.prod(out_shape)), work),
+    prepared, dtype, x1, _, weight = _prepared_bilinear("bilinear", x1, x2, weight, bias)
+    z = _backend.current().bilinear_forward(*prepared)
+    return _restore(z, x1.shape[:-1] + weight.shape[:-2], dtype)
+
+
+class BilinearContext:
+    """What a bilinear forward keeps for its backward (``bilinear_with_context``).
+
+    It holds the forward's arguments (as the arrays the kernels read: no copy of C-contiguous
+    input in the compute dtype, so do not modify them in place before the backward) and,
+    within the memory budget, the intermediate ``T = P @ A_hat`` of ``docs/derivation.md``
+    (``batch * out_features * min(in1, in2)`` numbers). With ``T`` kept, the backward does
+    two of its three large matrix products instead of three; without it, it computes ``T``
+    again. The gradients are bitwise the same either way.
+
+    Pass it to ``bilinear_backward(grad_out, context=ctx)``, as often as needed.
+    """
+
+    __slots__ = ("_arrays", "_backend", "_dtype", "_kept", "_shapes")
+
+    def __init__(self, arrays, shapes, dtype, backend, kept):
+        self._arrays = arrays  # (x1, x2, weight) as passed to the kernels
+        self._shapes = shapes  # the caller's (x1, x2, weight) shapes
+        self._dtype = dtype  # result dtype of (x1, x2, weight)
+        self._backend = backend
+        self._kept = kept
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes held by the kept intermediate (0 when it was not kept or was released)."""
+        return 0 if self._kept is None else self._kept.nbytes
+
+    def release(self) -> None:
+        """Free the kept intermediate now; a later backward computes it again."""
+        self._kept = None
+
+    def __repr__(self) -> str:
+        x1, x2, weight = self._shapes
+        return (
+            f"BilinearContext(input1 shape {x1}, input2 shape {x2}, weight shape {weight}, "
+            f"dtype={self._dtype.name}, kept_bytes={self.kept_bytes})"
+        )
+
+
+def _keep_budget(fname, keep_bytes) -> int:
+    if keep_bytes is None:
+        return KEEP_BYTES_DEFAULT
+    if isinstance(keep_bytes, (bool, np.bool_)) or not isinstance(keep_bytes, (int, np.integer)):
+        raise TypeError(
+            f"{fname}(): keep_bytes must be an int (bytes) or None, got {type(keep_bytes).__name__}"
+        )
+    if keep_bytes < 0:
+        raise ValueError(f"{fname}(): keep_bytes must be >= 0, got {keep_bytes}")
+    return int(keep_bytes)
+
+
+def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=None):
+    """``bilinear`` that also returns what makes its backward cheaper.
+
+    ``z, ctx = bilinear_with_context(x1, x2, weight, bias)`` gives the same ``z`` as
+    ``bilinear``; ``bilinear_backward(grad_out, context=ctx)`` then gives the same gradients
+    as ``bilinear_backward(grad_out, x1, x2, weight)``, faster when the forward's intermediate
+    ``T`` fits the memory budget: a forward plus a backward then costs 6 units of
+    ``N * L * in1 * in2`` multiply-adds instead of 8 (``docs/performance.md``).
+
+    Parameters
+    ----------
+    x1, x2, weight, bias
+        As for :func:`bilinear`.
+    keep_bytes : int, optional
+        Memory budget for ``T`` (``N * out_features * min(in1, in2)`` numbers of the compute
+        dtype): kept only if it fits. Default :data:`KEEP_BYTES_DEFAULT` (256 MiB); 0 keeps
+        nothing.
+    reuse : BilinearContext, optional
+        A context whose buffer may be recycled for this one's ``T`` (as a training loop does
+        from one step to the next: no fresh memory per step). That context then no longer
+        holds ``T``; its backward still gives the same results, computing ``T`` again.
+
+    Returns
+    -------
+    z : ndarray
+        As ``bilinear(x1, x2, weight, bias)``.
+    ctx : BilinearContext
+    """
+    fname = "bilinear_with_context"
+    budget = _keep_budget(fname, keep_bytes)
+    if reuse is not None and not isinstance(reuse, BilinearContext):
+        raise TypeError(
+            f"{fname}(): reuse must be a BilinearContext or None, got {type(reuse).__name__}"
+        )
+    buffer = None
+    if reuse is not None:
+        buffer, reuse._kept = reuse._kept, None
+    z, ctx = _forward_keeping(fname, x1, x2, weight, bias, budget, buffer)
+    return z, ctx
+
+
+def _forward_keeping(fname, x1, x2, weight, bias, budget, buffer):
+    """``bilinear_with_context`` after its own argument checks: ``T`` kept if it fits
+    ``budget`` bytes, in ``buffer`` (an earlier kept buffer, or None) if that is large
+    enough."""
+    prepared, dtype, x1_in, x2_in, weight_in = _prepared_bilinear(fname, x1, x2, weight, bias)
+    x1c, x2c, weightc, _ = prepared
+    backend = _backend.current()
+    work = x1c.dtype
+    out_features, in1, in2 = weightc.shape
+    elements = backend.bilinear_kept_elements(x1c.shape[0], in1, in2, out_features, work)
+    kept = None
+    if elements * work.itemsize <= budget:
+        if buffer is not None and buffer.dtype == work and buffer.size >= elements:
+            kept = buffer
+        else:
+            kept = np.empty(elements, dtype=work)
+    z = backend.bilinear_forward(*prepared, kept)
+    arg_dtype = v.result_dtype(x1_in, x2_in, weight_in)
+    ctx = BilinearContext(
+        (x1c, x2c, weightc), (x1_in.shape, x2_in.shape, weight_in.shape), arg_dtype, backend, kept
     )
-    return _restore(z, x1.shape[:-1] + out_shape, dtype)
+    return _restore(z, x1_in.shape[:-1] + weight_in.shape[:-2], dtype), ctx
 
 
 def bilinear_backward(
-    grad_out, x1, x2, weight, *, bias=True, need_x1=True, need_x2=True, need_weight=True
+    grad_out,
+    x1=None,
+    x2=None,
+    weight=None,
+    *,
+    context=None,
+    bias=True,
+    need_x1=True,
+    need_x2=True,
+    need_weight=True,
 ):
     """Gradients of a bilinear map given ``grad_out = dL/dz``.
 
@@ -286,6 +440,10 @@ def bilinear_backward(
     x1 : array_like, shape (..., in1_features)
     x2 : array_like, shape (..., in2_features)
     weight : array_like, shape (out_features, in1_features, in2_features) or (in1, in2)
+        The forward's arguments; omit all three when giving ``context``.
+    context : BilinearContext, optional
+        From ``bilinear_with_context``: the forward's arguments and, if kept, its
+        intermediate, which spares a third of this backward's work. Same results.
     bias : bool, default True
         Whether to compute ``grad_bias``.
     need_x1, need_x2, need_weight : bool, default True
@@ -297,37 +455,83 @@ def bilinear_backward(
         ``(grad_x1, grad_x2, grad_weight, grad_bias)`` shaped like ``x1``, ``x2``, ``weight``
         and ``weight.shape[:-2]``, each None when not requested.
     """
+    # Fast path, as in bilinear(): exact arrays and flags go straight to the compiled kernel.
+    fast = _backend.fast_core
+    if (
+        context is None
+        and fast is not None
+        and (_backend._override.get() or _backend._default) == "cpp"
+    ):
+        grads = fast.bilinear_backward_fast(
+            grad_out, x1, x2, weight, bias, need_x1, need_x2, need_weight
+        )
+        if grads is not None:
+            return _tuple_new(BilinearGrads, grads)
     fname = "bilinear_backward"
     need_bias = v.check_flag(fname, "bias", bias)
     need_x1 = v.check_flag(fname, "need_x1", need_x1)
     need_x2 = v.check_flag(fname, "need_x2", need_x2)
     need_weight = v.check_flag(fname, "need_weight", need_weight)
     grad_out = v.as_array(fname, "grad_out", grad_out)
-    x1 = v.as_array(fname, "input1", x1)
-    x2 = v.as_array(fname, "input2", x2)
-    weight = v.as_array(fname, "weight", weight)
-    _check_bilinear(fname, x1, x2, weight)
-    out_shape = weight.shape[:-2]
-    in1, in2 = weight.shape[-2:]
-    v.check_grad_out(
-        fname, grad_out, x1.shape[:-1] + out_shape, _shapes(input1=x1, input2=x2, weight=weight)
-    )
-    dtype = v.result_dtype(grad_out, x1, x2, weight)
-    work = v.compute_dtype(dtype)
-    out_features = math.prod(out_shape)
+    kept = None
+    if context is not None:
+        if not isinstance(context, BilinearContext):
+            raise TypeError(
+                f"{fname}(): context must be a BilinearContext (from bilinear_with_context), "
+                f"got {type(context).__name__}"
+            )
+        if x1 is not None or x2 is not None or weight is not None:
+            raise TypeError(f"{fname}(): give either x1, x2 and weight, or context, not both")
+        x1c, x2c, weightc = context._arrays
+        x1_shape, x2_shape, weight_shape = context._shapes
+        expected = x1_shape[:-1] + weight_shape[:-2]
+        v.check_grad_out(
+            fname,
+            grad_out,
+            expected,
+            f"input1 shape {x1_shape}, input2 shape {x2_shape}, weight shape {weight_shape}",
+        )
+        dtype = v.result_dtype(grad_out, np.empty(0, context._dtype))
+        work = v.compute_dtype(dtype)
+        if _backend.current() is context._backend and work == x1c.dtype:
+            kept = context._kept
+        x1c, x2c, weightc = (v.contiguous(a, work) for a in (x1c, x2c, weightc))
+    else:
+        if x1 is None or x2 is None or weight is None:
+            raise TypeError(f"{fname}(): give x1, x2 and weight, or context")
+        x1 = v.as_array(fname, "input1", x1)
+        x2 = v.as_array(fname, "input2", x2)
+        weight = v.as_array(fname, "weight", weight)
+        _check_bilinear(fname, x1, x2, weight)
+        x1_shape, x2_shape, weight_shape = x1.shape, x2.shape, weight.shape
+        v.check_grad_out(
+            fname,
+            grad_out,
+            x1.shape[:-1] + weight.shape[:-2],
+            _shapes(input1=x1, input2=x2, weight=weight),
+        )
+        dtype = v.result_dtype(grad_out, x1, x2, weight)
+        work = v.compute_dtype(dtype)
+        in1, in2 = weight.shape[-2:]
+        out_features = math.prod(weight.shape[:-2])
+        x1c = v.contiguous(_flat(x1, in1), work)
+        x2c = v.contiguous(_flat(x2, in2), work)
+        weightc = v.contiguous(weight.reshape(out_features, in1, in2), work)
+    out_shape = weight_shape[:-2]
     grad_x1, grad_x2, grad_weight, grad_bias = _backend.current().bilinear_backward(
-        v.contiguous(grad_out.reshape(math.prod(x1.shape[:-1]), out_features), work),
-        v.contiguous(_flat(x1, in1), work),
-        v.contiguous(_flat(x2, in2), work),
-        v.contiguous(weight.reshape(out_features, in1, in2), work),
+        v.contiguous(grad_out.reshape(x1c.shape[0], weightc.shape[0]), work),
+        x1c,
+        x2c,
+        weightc,
         need_x1,
         need_x2,
         need_weight,
         need_bias,
+        kept,
     )
     return BilinearGrads(
-        _restore(grad_x1, x1.shape, dtype),
-        _restore(grad_x2, x2.shape, dtype),
-        _restore(grad_weight, weight.shape, dtype),
+        _restore(grad_x1, x1_shape, dtype),
+        _restore(grad_x2, x2_shape, dtype),
+        _restore(grad_weight, weight_shape, dtype),
         _restore(grad_bias, out_shape, dtype),
     )

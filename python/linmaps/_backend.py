@@ -41,7 +41,13 @@ if _cpp_backend is not None:
 # The dispatched kernel module when it has the front end's fast paths (None otherwise).
 fast_core = None
 if _cpp_backend is not None and all(
-    hasattr(_cpp_backend._core, f) for f in ("bilinear_forward_fast", "linear_forward_fast")
+    hasattr(_cpp_backend._core, f)
+    for f in (
+        "bilinear_forward_fast",
+        "bilinear_backward_fast",
+        "linear_forward_fast",
+        "linear_backward_fast",
+    )
 ):
     fast_core = _cpp_backend._core
 

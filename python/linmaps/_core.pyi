@@ -9,7 +9,7 @@ anything else matches no overload and raises TypeError. Inconsistent shapes rais
 ValueError. Results are new C-contiguous arrays; gradients not requested are None.
 """
 
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -112,6 +112,7 @@ def bilinear_forward(
     x2: npt.NDArray[np.float32],
     weight: npt.NDArray[np.float32],
     bias: npt.NDArray[np.float32] | None,
+    kept: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 @overload
 def bilinear_forward(
@@ -119,6 +120,7 @@ def bilinear_forward(
     x2: npt.NDArray[np.float64],
     weight: npt.NDArray[np.float64],
     bias: npt.NDArray[np.float64] | None,
+    kept: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]: ...
 @overload
 def bilinear_backward(
@@ -126,6 +128,7 @@ def bilinear_backward(
     x1: npt.NDArray[np.float32],
     x2: npt.NDArray[np.float32],
     weight: npt.NDArray[np.float32],
+    kept: npt.NDArray[np.float32] | None,
     need_x1: bool,
     need_x2: bool,
     need_weight: bool,
@@ -142,6 +145,7 @@ def bilinear_backward(
     x1: npt.NDArray[np.float64],
     x2: npt.NDArray[np.float64],
     weight: npt.NDArray[np.float64],
+    kept: npt.NDArray[np.float64] | None,
     need_x1: bool,
     need_x2: bool,
     need_weight: bool,
@@ -152,3 +156,33 @@ def bilinear_backward(
     npt.NDArray[np.float64] | None,
     npt.NDArray[np.float64] | None,
 ]: ...
+def linear_forward_fast(x: object, weight: object, bias: object) -> npt.NDArray[Any] | None:
+    """linear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of one
+    dtype and matching shapes, else None (never raises for bad arguments)."""
+
+def linear_backward_fast(
+    grad: object, x: object, weight: object, bias: object, need_x: object, need_weight: object
+) -> tuple[npt.NDArray[Any] | None, ...] | None:
+    """linear_backward if the arrays are exact and the flags are True/False, else None."""
+
+def bilinear_forward_fast(
+    x1: object, x2: object, weight: object, bias: object
+) -> npt.NDArray[Any] | None:
+    """bilinear_forward if the arguments are exact C-contiguous float32/float64 ndarrays of
+    one dtype and matching shapes, else None (never raises for bad arguments)."""
+
+def bilinear_backward_fast(
+    grad: object,
+    x1: object,
+    x2: object,
+    weight: object,
+    bias: object,
+    need_x1: object,
+    need_x2: object,
+    need_weight: object,
+) -> tuple[npt.NDArray[Any] | None, ...] | None:
+    """bilinear_backward (no kept T) if the arrays are exact and the flags are True/False,
+    else None."""
+
+def bilinear_kept_elements(batch: int, in1: int, in2: int, out: int, itemsize: int) -> int:
+    """Length of the buffer bilinear_forward keeps T in, for this shape and item size."""

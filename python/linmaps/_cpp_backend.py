@@ -19,6 +19,7 @@ available_isas = _dispatch.available(_baseline_core)
 __all__ = [
     "bilinear_backward",
     "bilinear_forward",
+    "bilinear_kept_elements",
     "get_num_threads",
     "linear_backward",
     "linear_forward",
@@ -36,15 +37,29 @@ def linear_backward(grad, x, weight, need_x, need_weight, need_bias):
     return _core.linear_backward(grad, x, weight, bool(need_x), bool(need_weight), bool(need_bias))
 
 
-def bilinear_forward(x1, x2, weight, bias):
-    """z (N, L), z[k, l] = x1[k] @ weight[l] @ x2[k] + bias[l]."""
-    return _core.bilinear_forward(x1, x2, weight, bias)
+def bilinear_kept_elements(n_samples, in1, in2, out_features, dtype) -> int:
+    """Length of the 1-D buffer a forward keeps its intermediate T in, for this shape."""
+    return _core.bilinear_kept_elements(n_samples, in1, in2, out_features, dtype.itemsize)
 
 
-def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_bias):
-    """(grad_x1 | None, grad_x2 | None, grad_weight (L, m, n) | None, grad_bias (L,) | None)."""
+def bilinear_forward(x1, x2, weight, bias, kept=None):
+    """z (N, L), z[k, l] = x1[k] @ weight[l] @ x2[k] + bias[l]; T kept in ``kept`` if given."""
+    return _core.bilinear_forward(x1, x2, weight, bias, kept)
+
+
+def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_bias, kept=None):
+    """(grad_x1 | None, grad_x2 | None, grad_weight (L, m, n) | None, grad_bias (L,) | None);
+    T read from ``kept`` (what the forward kept for these arguments) if given."""
     return _core.bilinear_backward(
-        grad, x1, x2, weight, bool(need_x1), bool(need_x2), bool(need_weight), bool(need_bias)
+        grad,
+        x1,
+        x2,
+        weight,
+        kept,
+        bool(need_x1),
+        bool(need_x2),
+        bool(need_weight),
+        bool(need_bias),
     )
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _api, _npz
+from . import _api, _backend, _npz
 from . import _validation as v
 
 __all__ = ["Bilinear", "IncompatibleKeys", "Linear", "LoadError"]
@@ -534,6 +534,20 @@ class Linear(_Layer):
         -------
         y : ndarray, shape (..., out_features), the layer's dtype
         """
+        # Fast path, as in Bilinear.forward.
+        fast = _backend.fast_core
+        if (
+            save_for_backward is True
+            and fast is not None
+            and (_backend._override.get() or _backend._default) == "cpp"
+        ):
+            result = fast.linear_layer_forward_fast(
+                x, self._params["weight"], self._params.get("bias"), self._copy_inputs
+            )
+            if result is not None:
+                y, x = result
+                self._saved = (x,)
+                return y
         where = "Linear.forward"
         save = _check_bool(where + "()", "save_for_backward", save_for_backward)
         self._saved = None  # release the previous batch before holding a new one
@@ -574,6 +588,22 @@ class Linear(_Layer):
         ValueError
             If ``grad_out`` does not have the shape of the last output.
         """
+        fast = _backend.fast_core
+        if (
+            self._saved is not None
+            and fast is not None
+            and (_backend._override.get() or _backend._default) == "cpp"
+        ):
+            grads = fast.linear_layer_backward_fast(
+                grad_out,
+                self._saved[0],
+                self._params["weight"],
+                need_x,
+                self._grads["weight"] if self._needs_grad("weight") else None,
+                self._grads["bias"] if self._needs_grad("bias") else None,
+            )
+            if grads is not None:
+                return grads[0]
         where = "Linear.backward"
         need_x = _check_bool(where + "()", "need_x", need_x)
         (x,) = self._saved_inputs(where)
@@ -624,6 +654,15 @@ class Bilinear(_Layer):
         ``seed`` and ``rng``; with neither, fresh OS entropy is used.
     copy_inputs : bool, default True
         Keep private copies of the forward inputs for backward (see :class:`Linear`).
+    keep_bytes : int, optional
+        Memory budget (bytes) for the forward's intermediate ``T``
+        (``batch * out_features * min(in1, in2)`` numbers), kept so that the backward does two
+        large matrix products instead of three: a training step costs 6 units of
+        ``batch * out_features * in1 * in2`` multiply-adds instead of 8. Above the budget the
+        backward computes ``T`` again; the gradients are bitwise the same either way. Default
+        ``linmaps.KEEP_BYTES_DEFAULT`` (256 MiB); 0 keeps nothing. Settable as an attribute,
+        and per call in ``forward``. The buffer is reused from one forward to the next and
+        freed by an inference forward (``save_for_backward=False``).
 
     Attributes
     ----------
@@ -654,6 +693,7 @@ class Bilinear(_Layer):
         seed: int | None = None,
         rng: np.random.Generator | None = None,
         copy_inputs: bool = True,
+        keep_bytes: int | None = None,
     ):
         where = "Bilinear()"
         self.in1_features = _check_size(where, "in1_features", in1_features)
@@ -663,8 +703,28 @@ class Bilinear(_Layer):
         if _check_bool(where, "bias", bias):
             shapes["bias"] = (self.out_features,)
         super().__init__(shapes, self.in1_features, dtype, seed, rng, copy_inputs)
+        self._keep_bytes = _api._keep_budget("Bilinear", keep_bytes)
+        # The intermediate T kept by the last forward (for the backend that made it), or None.
+        self._kept: np.ndarray | None = None
+        self._kept_backend = None
 
-    def forward(self, x1, x2, *, save_for_backward: bool = True) -> np.ndarray:
+    @property
+    def keep_bytes(self) -> int:
+        """Memory budget (bytes) for the intermediate kept from forward to backward."""
+        return self._keep_bytes
+
+    @keep_bytes.setter
+    def keep_bytes(self, value) -> None:
+        self._keep_bytes = _api._keep_budget("Bilinear.keep_bytes", value)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes the layer holds now for the intermediate of its last forward."""
+        return 0 if self._kept is None else self._kept.nbytes
+
+    def forward(
+        self, x1, x2, *, save_for_backward: bool = True, keep_bytes: int | None = None
+    ) -> np.ndarray:
         """Compute ``z[..., l] = x1 @ weight[l] @ x2 + bias[l]`` and keep ``x1``, ``x2``.
 
         Parameters
@@ -673,16 +733,56 @@ class Bilinear(_Layer):
         x2 : array_like, shape (..., in2_features)
             Same leading (batch) shape as ``x1``, or none. Both converted to the layer's dtype.
         save_for_backward : bool, default True
-            Keep the inputs (until the next forward) for ``backward``. False is for inference:
-            nothing is kept and inputs saved by an earlier forward are released.
+            Keep the inputs (until the next forward) for ``backward``, and the intermediate
+            ``T`` within the memory budget. False is for inference: nothing is kept and what
+            an earlier forward kept is released.
+        keep_bytes : int, optional
+            The memory budget for ``T`` for this call (default: the layer's ``keep_bytes``).
 
         Returns
         -------
         z : ndarray, shape (..., out_features), the layer's dtype
         """
+        # Fast path: exact arrays of the layer's dtype go to one compiled call that copies the
+        # inputs, keeps T (reusing the last buffer) and runs the same kernel.
+        fast = _backend.fast_core
+        buffer = None
+        if (
+            save_for_backward is False
+            and fast is not None
+            and (_backend._override.get() or _backend._default) == "cpp"
+        ):
+            z = fast.bilinear_forward_fast(x1, x2, self._params["weight"], self._params.get("bias"))
+            if z is not None:
+                self._saved = self._kept = None
+                return z
+        if (
+            save_for_backward is True
+            and keep_bytes is None
+            and fast is not None
+            and (_backend._override.get() or _backend._default) == "cpp"
+        ):
+            # Nothing of the last batch stays valid if this call is interrupted part-way.
+            buffer, self._kept, self._saved = self._kept, None, None
+            result = fast.bilinear_layer_forward_fast(
+                x1,
+                x2,
+                self._params["weight"],
+                self._params.get("bias"),
+                buffer,
+                self._keep_bytes,
+                self._copy_inputs,
+            )
+            if result is not None:
+                z, x1, x2, self._kept = result
+                self._kept_backend = _backend._cpp_backend
+                self._saved = (x1, x2)
+                return z
         where = "Bilinear.forward"
         save = _check_bool(where + "()", "save_for_backward", save_for_backward)
+        budget = self._keep_bytes if keep_bytes is None else _api._keep_budget(where, keep_bytes)
         self._saved = None
+        buffer, self._kept = self._kept if buffer is None else buffer, None
         x1 = self._checked_input(where, "input1", x1, "in1_features")
         x2 = self._checked_input(where, "input2", x2, "in2_features")
         if x1.shape[:-1] != x2.shape[:-1]:
@@ -692,14 +792,18 @@ class Bilinear(_Layer):
                 f"input2 shape {x2.shape})"
             )
         x1, x2 = self._converted(x1, save), self._converted(x2, save)
-        z = _api.bilinear(x1, x2, self.weight, self.bias)
-        if save:
-            self._saved = (x1, x2)
+        if not save:
+            return _api.bilinear(x1, x2, self.weight, self.bias)
+        z, context = _api._forward_keeping(where, x1, x2, self.weight, self.bias, budget, buffer)
+        self._kept, self._kept_backend = context._kept, context._backend
+        self._saved = (x1, x2)
         return z
 
-    def __call__(self, x1, x2, *, save_for_backward: bool = True) -> np.ndarray:
+    def __call__(
+        self, x1, x2, *, save_for_backward: bool = True, keep_bytes: int | None = None
+    ) -> np.ndarray:
         """Same as ``forward``."""
-        return self.forward(x1, x2, save_for_backward=save_for_backward)
+        return self.forward(x1, x2, save_for_backward=save_for_backward, keep_bytes=keep_bytes)
 
     def backward(self, grad_out, *, need_x1: bool = True, need_x2: bool = True) -> tuple:
         """Back-propagate ``grad_out = dL/dz`` of the last forward.
@@ -728,16 +832,42 @@ class Bilinear(_Layer):
         ValueError
             If ``grad_out`` does not have the shape of the last output.
         """
+        fast = _backend.fast_core
+        if (
+            self._saved is not None
+            and fast is not None
+            and (_backend._override.get() or _backend._default) == "cpp"
+        ):
+            x1, x2 = self._saved
+            grads = fast.bilinear_layer_backward_fast(
+                grad_out,
+                x1,
+                x2,
+                self._params["weight"],
+                self._kept if self._kept_backend is _backend._cpp_backend else None,
+                need_x1,
+                need_x2,
+                self._grads["weight"] if self._needs_grad("weight") else None,
+                self._grads["bias"] if self._needs_grad("bias") else None,
+            )
+            if grads is not None:
+                return grads
         where = "Bilinear.backward"
         need_x1 = _check_bool(where + "()", "need_x1", need_x1)
         need_x2 = _check_bool(where + "()", "need_x2", need_x2)
         x1, x2 = self._saved_inputs(where)
         grad_out = self._grad_out(where, grad_out, x1.shape[:-1] + (self.out_features,))
+        weight = self.weight
+        context = _api.BilinearContext(
+            (x1.reshape(-1, self.in1_features), x2.reshape(-1, self.in2_features), weight),
+            (x1.shape, x2.shape, weight.shape),
+            self._dtype,
+            self._kept_backend,
+            self._kept,
+        )
         grads = _api.bilinear_backward(
             grad_out,
-            x1,
-            x2,
-            self.weight,
+            context=context,
             bias=self._needs_grad("bias"),
             need_x1=need_x1,
             need_x2=need_x2,

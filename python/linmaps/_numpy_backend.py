@@ -20,6 +20,10 @@ backend is the oracle the compiled one is tested against (``docs/derivation.md``
 
 ``T`` and ``W`` have ``L*q`` columns per sample, so the batch is processed in row blocks whose
 intermediates hold at most ``_WORKSPACE_ELEMENTS`` numbers: memory stays bounded for any N.
+
+A forward given a ``kept`` buffer (``bilinear_kept_elements`` long) also keeps ``T`` there,
+and a backward given it reads ``T`` instead of computing it again, as the compiled backend does:
+each row block of ``T`` is the same matrix product either way, so the gradients are the same.
 """
 
 from __future__ import annotations
@@ -81,15 +85,27 @@ def linear_backward(grad, x, weight, need_x, need_weight, need_bias):
     return grad_x, grad_weight, grad_bias
 
 
+def bilinear_kept_elements(n_samples, in1, in2, out_features, dtype) -> int:
+    """Length of the buffer a forward keeps ``T (n_samples, out_features * q)`` in."""
+    return n_samples * out_features * min(in1, in2)
+
+
+def _kept_t(kept, n_samples, width):
+    """``T`` as the (n_samples, width) matrix at the start of the 1-D ``kept`` buffer."""
+    return kept[: n_samples * width].reshape(n_samples, width)
+
+
 @_ieee
-def bilinear_forward(x1, x2, weight, bias):
+def bilinear_forward(x1, x2, weight, bias, kept=None):
     n_samples = x1.shape[0]
     out_features = weight.shape[0]
     _, p_in, q_in, a_hat = _grouping(x1, x2, weight)
     q = q_in.shape[1]
     z = np.empty((n_samples, out_features), dtype=x1.dtype)
+    kept_t = None if kept is None else _kept_t(kept, n_samples, out_features * q)
     for rows in _row_blocks(n_samples, out_features * q):
-        t = (p_in[rows] @ a_hat).reshape(len(p_in[rows]), out_features, q)
+        t = np.matmul(p_in[rows], a_hat, out=None if kept_t is None else kept_t[rows])
+        t = t.reshape(len(p_in[rows]), out_features, q)
         np.matmul(t, q_in[rows, :, None], out=z[rows, :, None])
     if bias is not None:
         z += bias
@@ -97,7 +113,7 @@ def bilinear_forward(x1, x2, weight, bias):
 
 
 @_ieee
-def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_bias):
+def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_bias, kept=None):
     n_samples = x1.shape[0]
     out_features = weight.shape[0]
     dtype = x1.dtype
@@ -107,6 +123,7 @@ def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_
     grad_p = np.empty((n_samples, p), dtype=dtype) if need_p else None
     grad_q = np.empty((n_samples, q), dtype=dtype) if need_q else None
     grad_a_hat = np.zeros((p, out_features * q), dtype=dtype) if need_weight else None
+    kept_t = None if kept is None else _kept_t(kept, n_samples, out_features * q)
     if need_p or need_q or need_weight:
         for rows in _row_blocks(n_samples, out_features * q):
             g = grad[rows]
@@ -117,7 +134,8 @@ def bilinear_backward(grad, x1, x2, weight, need_x1, need_x2, need_weight, need_
                 if need_p:
                     np.matmul(w, a_hat.T, out=grad_p[rows])
             if need_q:
-                t = (p_in[rows] @ a_hat).reshape(len(g), out_features, q)
+                t = p_in[rows] @ a_hat if kept_t is None else kept_t[rows]
+                t = t.reshape(len(g), out_features, q)
                 np.matmul(g[:, None, :], t, out=grad_q[rows, None, :])
     grad_weight = None
     if need_weight:

@@ -123,7 +123,7 @@ py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight
 // exact and fits and every flag is exactly True or False, else None.
 template <class T>
 py::object bilinear_backward_fast_t(py::handle grad, py::handle x1, py::handle x2,
-                                    py::handle weight, const bool (&needs)[4]) {
+                                    py::handle weight, py::handle kept, const bool (&needs)[4]) {
   using binding::exact_array;
   if (!exact_array<T>(grad, 2) || !exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) ||
       !exact_array<T>(weight, 3)) {
@@ -137,20 +137,28 @@ py::object bilinear_backward_fast_t(py::handle grad, py::handle x1, py::handle x
       g.shape(0) != a1.shape(0) || g.shape(1) != w.shape(0)) {
     return py::none();
   }
-  return bilinear_backward_py<T>(g, a1, a2, w, std::nullopt, needs[0], needs[1], needs[2],
-                                 needs[3]);
+  std::optional<Array<T>> t;
+  if (!kept.is_none()) {
+    const BilinearShape shape{a1.shape(0), a1.shape(1), a2.shape(1), w.shape(0)};
+    if (!exact_array<T>(kept, 1) ||
+        py::reinterpret_borrow<py::array>(kept).shape(0) < bilinear_kept_elements<T>(shape)) {
+      return py::none();
+    }
+    t = py::reinterpret_borrow<Array<T>>(kept);
+  }
+  return bilinear_backward_py<T>(g, a1, a2, w, t, needs[0], needs[1], needs[2], needs[3]);
 }
 
 py::object bilinear_backward_fast(py::handle grad, py::handle x1, py::handle x2, py::handle weight,
                                   py::handle bias, py::handle need_x1, py::handle need_x2,
-                                  py::handle need_weight) {
+                                  py::handle need_weight, py::handle kept) {
   bool needs[4];
   if (!binding::exact_bools({need_x1, need_x2, need_weight, bias}, needs)) return py::none();
   if (binding::exact_array<float>(grad, 2)) {
-    return bilinear_backward_fast_t<float>(grad, x1, x2, weight, needs);
+    return bilinear_backward_fast_t<float>(grad, x1, x2, weight, kept, needs);
   }
   if (binding::exact_array<double>(grad, 2)) {
-    return bilinear_backward_fast_t<double>(grad, x1, x2, weight, needs);
+    return bilinear_backward_fast_t<double>(grad, x1, x2, weight, kept, needs);
   }
   return py::none();
 }
@@ -301,9 +309,10 @@ void bind_bilinear(py::module_& m) {
         "one dtype and matching shapes, else None (never raises for bad arguments).");
   m.def("bilinear_backward_fast", &bilinear_backward_fast, py::arg("grad"), py::arg("x1"),
         py::arg("x2"), py::arg("weight"), py::arg("bias"), py::arg("need_x1"), py::arg("need_x2"),
-        py::arg("need_weight"),
-        "bilinear_backward (no kept T) if the arrays are exact C-contiguous float32/float64 "
-        "ndarrays of one dtype and matching shapes and the flags are True/False, else None.");
+        py::arg("need_weight"), py::arg("kept").none(true) = py::none(),
+        "bilinear_backward if the arrays are exact C-contiguous float32/float64 ndarrays of one "
+        "dtype and matching shapes (kept: None or a large enough kept T) and the flags are "
+        "True/False, else None.");
   m.def("bilinear_layer_forward_fast", &bilinear_layer_forward, py::arg("x1"), py::arg("x2"),
         py::arg("weight"), py::arg("bias").none(true), py::arg("kept").none(true),
         py::arg("keep_bytes"), py::arg("copy_inputs"),

@@ -413,3 +413,18 @@ def test_above_the_budget_nothing_is_kept_and_memory_stays_bounded():
     rows = [0, 12345, n_batch - 1]
     expected = linmaps.bilinear(x1[rows], x2[rows], layer.weight, layer.bias)
     np.testing.assert_allclose(z[rows], expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_context_fast_paths_give_the_validated_bits(backend, dtype):
+    x1, x2, w, b, g = bilinear_args(300, 20, 70, 9, dtype, seed=4)
+    z_fast, ctx_fast = linmaps.bilinear_with_context(x1, x2, w, b)
+    # An np.int64 budget and an np.bool_ flag take the validated paths, with the same meaning.
+    z_validated, ctx_validated = linmaps.bilinear_with_context(
+        x1, x2, w, b, keep_bytes=np.int64(linmaps.KEEP_BYTES_DEFAULT)
+    )
+    assert_identical([z_fast], [z_validated])
+    assert ctx_fast.kept_bytes == ctx_validated.kept_bytes > 0
+    fast = linmaps.bilinear_backward(g, context=ctx_fast)
+    validated = linmaps.bilinear_backward(g, context=ctx_validated, bias=np.bool_(True))
+    assert_identical(fast, validated)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -112,12 +113,18 @@ class FunctionalBackend(Backend):
 
 
 class LinmapsBackend(FunctionalBackend):
-    """``linmaps``'s public functions with one of its backends (``cpp`` or ``python``) active."""
+    """``linmaps``'s public functions with one of its backends (``cpp`` or ``python``) active.
+
+    A bilinear fwd+bwd is what a training step does: ``bilinear_with_context`` keeps the
+    forward's intermediate T for the backward (reusing its buffer from call to call, as a
+    ``Bilinear`` layer does). ``keep_bytes=0`` (the ``cpp-recompute`` backend) computes T
+    again in the backward instead, so both are in the tables.
+    """
 
     builtin = True
     runs_mixed = True
 
-    def __init__(self, name):
+    def __init__(self, name, keep_bytes=None):
         super().__init__(
             name,
             linmaps.linear,
@@ -126,6 +133,28 @@ class LinmapsBackend(FunctionalBackend):
             linmaps.bilinear_backward,
             context=lambda: linmaps.use_backend(name),
         )
+        self.keep_bytes = keep_bytes
+
+    def operation(self, case, op, prepared):
+        if case.kind != "bilinear" or op != "fwd+bwd":
+            return super().operation(case, op, prepared)
+        a = prepared
+        last = []  # the previous call's context, whose buffer the next call reuses
+
+        def forward_backward():
+            z, ctx = linmaps.bilinear_with_context(
+                a["x1"],
+                a["x2"],
+                a["weight"],
+                a["bias"],
+                keep_bytes=self.keep_bytes,
+                reuse=last.pop() if last else None,
+            )
+            grads = linmaps.bilinear_backward(a["grad_out"], context=ctx)
+            last.append(ctx)
+            return (z, *grads)
+
+        return forward_backward
 
     def unavailable_reason(self):
         if self.name in linmaps.available_backends():
@@ -237,6 +266,100 @@ class TorchBackend(Backend):
         return [None if o is None else o.detach().numpy() for o in outputs]
 
 
+class RecomputeBackend(LinmapsBackend):
+    """``cpp-recompute``: the compiled backend with nothing kept from forward to backward (a
+    bilinear fwd+bwd computes T twice: 8 units of N*L*in1*in2 multiply-adds instead of 6)."""
+
+    def __init__(self):
+        super().__init__("cpp", keep_bytes=0)
+        self.name = "cpp-recompute"
+
+    def unavailable_reason(self):
+        return LinmapsBackend("cpp").unavailable_reason()
+
+
+class JaxBackend(Backend):
+    """JAX (``jax.jit`` on CPU), a peer for the bilinear map; optional, never a dependency.
+
+    The bilinear map in its GEMM form (``T = P @ A_hat``, then a row-wise product with Q, as
+    linmaps computes it): faster under ``jit`` than ``jnp.einsum`` at every suite shape
+    (measured: 1.1-1.5x, docs/performance.md). fwd+bwd is one jitted ``jax.vjp`` (XLA keeps T
+    as a residual); backward alone is the jitted vjp of given inputs. Compiled in
+    ``operation``, before the timed region; every call waits for its results.
+    """
+
+    name = "jax"
+    builtin = True
+
+    def unavailable_reason(self):
+        try:
+            importlib.import_module("jax")
+        except Exception as exc:  # not installed, or a broken install: either way unavailable
+            return f"{type(exc).__name__}: {exc} (optional: pip install jax jaxlib)"
+        return None
+
+    def worker_env(self):
+        return {"JAX_PLATFORMS": "cpu"}
+
+    def info(self):
+        import jax
+
+        # XLA's CPU thread pool takes every core and cannot be resized once started, so
+        # --threads does not apply to JAX: compare at --threads equal to the core count.
+        return {"version": jax.__version__, "threads": os.cpu_count()}
+
+    def prepare(self, case, inputs):
+        import jax.numpy as jnp
+
+        return {name: jnp.asarray(array) for name, array in inputs.items()}
+
+    @staticmethod
+    def _bilinear(x1, x2, weight, bias):
+        import jax.numpy as jnp
+
+        out, in1, in2 = weight.shape
+        if in2 > in1:
+            a_hat, p_in, q_in = jnp.transpose(weight, (2, 0, 1)).reshape(in2, out * in1), x2, x1
+        else:
+            a_hat, p_in, q_in = jnp.transpose(weight, (1, 0, 2)).reshape(in1, out * in2), x1, x2
+        t = (p_in @ a_hat).reshape(p_in.shape[0], out, q_in.shape[1])
+        return jnp.einsum("nlq,nq->nl", t, q_in) + bias
+
+    @staticmethod
+    def _linear(x, weight, bias):
+        return x @ weight.T + bias
+
+    def operation(self, case, op, prepared):
+        import jax
+
+        if case.kind == "linear":
+            function, names = self._linear, ["x", "weight", "bias"]
+        else:
+            function, names = self._bilinear, ["x1", "x2", "weight", "bias"]
+        args = [prepared[name] for name in names]
+        grad_out = prepared["grad_out"]
+
+        def forward(*args):
+            return (function(*args),)
+
+        def backward(grad, *args):
+            _, vjp = jax.vjp(function, *args)
+            return vjp(grad)[: len(args)]
+
+        def forward_backward(grad, *args):
+            out, vjp = jax.vjp(function, *args)
+            return (out, *vjp(grad))
+
+        if op == "forward":
+            compiled = jax.jit(forward)
+            return lambda: jax.block_until_ready(compiled(*args))
+        compiled = jax.jit(backward if op == "backward" else forward_backward)
+        return lambda: jax.block_until_ready(compiled(grad_out, *args))
+
+    def to_numpy(self, outputs):
+        return [None if o is None else np.asarray(o) for o in outputs]
+
+
 class ThreadCountBackend(Backend):
     """``NAME/T``: backend ``NAME`` with ``T`` threads, whatever the suite's ``--threads``.
 
@@ -319,3 +442,5 @@ def resolve_backends(backends) -> list:
 register_backend(LinmapsBackend("cpp"), default=True)
 register_backend(LinmapsBackend("python"), default=True)
 register_backend(TorchBackend(), default=True)
+register_backend(RecomputeBackend(), default=True)
+register_backend(JaxBackend(), default=True)

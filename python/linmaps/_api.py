@@ -379,6 +379,31 @@ def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=N
         As ``bilinear(x1, x2, weight, bias)``.
     ctx : BilinearContext
     """
+    # Fast path, as in bilinear(): exact arrays (and an int budget) go to one compiled call.
+    fast = _backend.fast_core
+    if (
+        fast is not None
+        and (reuse is None or type(reuse) is BilinearContext)
+        and (keep_bytes is None or type(keep_bytes) is int)
+        and (_backend._override.get() or _backend._default) == "cpp"
+    ):
+        budget = KEEP_BYTES_DEFAULT if keep_bytes is None else keep_bytes
+        buffer = None if reuse is None else reuse._kept
+        result = None
+        if budget >= 0:
+            result = fast.bilinear_layer_forward_fast(x1, x2, weight, bias, buffer, budget, False)
+        if result is not None:
+            z, x1, x2, kept = result
+            if reuse is not None:
+                reuse._kept = None
+            ctx = BilinearContext(
+                (x1, x2, weight),
+                (x1.shape, x2.shape, weight.shape),
+                z.dtype,
+                _backend._cpp_backend,
+                kept,
+            )
+            return z, ctx
     fname = "bilinear_with_context"
     budget = _keep_budget(fname, keep_bytes)
     if reuse is not None and not isinstance(reuse, BilinearContext):
@@ -455,18 +480,28 @@ def bilinear_backward(
         ``(grad_x1, grad_x2, grad_weight, grad_bias)`` shaped like ``x1``, ``x2``, ``weight``
         and ``weight.shape[:-2]``, each None when not requested.
     """
-    # Fast path, as in bilinear(): exact arrays and flags go straight to the compiled kernel.
+    # Fast path, as in bilinear(): exact arrays and flags go straight to the compiled kernel
+    # (with a context's arrays and kept T if it was made by the compiled backend).
     fast = _backend.fast_core
-    if (
-        context is None
-        and fast is not None
-        and (_backend._override.get() or _backend._default) == "cpp"
-    ):
-        grads = fast.bilinear_backward_fast(
-            grad_out, x1, x2, weight, bias, need_x1, need_x2, need_weight
-        )
-        if grads is not None:
-            return _tuple_new(BilinearGrads, grads)
+    if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+        arrays, kept = (x1, x2, weight), None
+        if context is not None:
+            if (
+                type(context) is not BilinearContext
+                or x1 is not None
+                or x2 is not None
+                or weight is not None
+                or context._backend is not _backend._cpp_backend
+            ):
+                kept = False  # the validated path says what is wrong, or converts
+            else:
+                arrays, kept = context._arrays, context._kept
+        if kept is not False:
+            grads = fast.bilinear_backward_fast(
+                grad_out, *arrays, bias, need_x1, need_x2, need_weight, kept
+            )
+            if grads is not None:
+                return _tuple_new(BilinearGrads, grads)
     fname = "bilinear_backward"
     need_bias = v.check_flag(fname, "bias", bias)
     need_x1 = v.check_flag(fname, "need_x1", need_x1)

@@ -180,9 +180,51 @@ def bilinear_backward_fast(
     need_x1: object,
     need_x2: object,
     need_weight: object,
+    kept: object = None,
 ) -> tuple[npt.NDArray[Any] | None, ...] | None:
-    """bilinear_backward (no kept T) if the arrays are exact and the flags are True/False,
-    else None."""
+    """bilinear_backward if the arrays are exact (kept: None or a large enough kept T) and
+    the flags are True/False, else None."""
+
+def bilinear_layer_forward_fast(
+    x1: object,
+    x2: object,
+    weight: object,
+    bias: object,
+    kept: object,
+    keep_bytes: int,
+    copy_inputs: bool,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any] | None] | None:
+    """Bilinear layer forward for exact arguments: (z, x1, x2, kept T or None), else None."""
+
+def bilinear_layer_backward_fast(
+    grad: object,
+    x1: object,
+    x2: object,
+    weight: object,
+    kept: object,
+    need_x1: object,
+    need_x2: object,
+    acc_weight: object,
+    acc_bias: object,
+) -> tuple[npt.NDArray[Any] | None, npt.NDArray[Any] | None] | None:
+    """Bilinear layer backward for exact arguments: accumulates the parameter gradients and
+    returns (grad_x1, grad_x2), else None."""
+
+def linear_layer_forward_fast(
+    x: object, weight: object, bias: object, copy_inputs: bool
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | None:
+    """Linear layer forward for exact arguments: (y, x kept), else None."""
+
+def linear_layer_backward_fast(
+    grad: object,
+    x: object,
+    weight: object,
+    need_x: object,
+    acc_weight: object,
+    acc_bias: object,
+) -> tuple[npt.NDArray[Any] | None] | None:
+    """Linear layer backward for exact arguments: accumulates the parameter gradients and
+    returns (grad_x,), else None."""
 
 def bilinear_kept_elements(batch: int, in1: int, in2: int, out: int, itemsize: int) -> int:
     """Length of the buffer bilinear_forward keeps T in, for this shape and item size."""

@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         default=None,
-        help="comma-separated (default: every builtin backend, cpp,python,torch; "
+        help="comma-separated (default: every builtin backend, cpp,python,torch,cpp-recompute,jax; "
         "--list-backends shows them); unavailable ones are reported, not errors. cpp@LEVEL "
         "forces the compiled backend's instruction set (LINMAPS_CPU=LEVEL: baseline, avx2, "
         "avx512, or native in a LINMAPS_NATIVE=ON build); NAME/THREADS runs "

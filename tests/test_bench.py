@@ -90,7 +90,7 @@ def test_cli_quick_run_writes_every_field(tmp_path):
 
     available = [name for name, status in result["backends"].items() if status["available"]]
     assert "python" in available  # the oracle's backend always runs
-    assert set(result["backends"]) == {"cpp", "python", "torch"}
+    assert set(result["backends"]) == {"cpp", "python", "torch", "cpp-recompute", "jax"}
     for status in result["backends"].values():
         if not status["available"]:
             assert status["reason"]
@@ -116,7 +116,9 @@ def test_cli_quick_run_writes_every_field(tmp_path):
             if memory["status"] == "ok":
                 assert memory["backward_peak_extra_mib"] >= 0
                 assert memory["backward_outputs_mib"] > 0
-        assert set(case["speedups"]["forward"]) == {"cpp_vs_python", "cpp_vs_torch"}
+        assert set(case["speedups"]["forward"]) == {
+            f"cpp_vs_{name}" for name in ("python", "torch", "cpp-recompute", "jax")
+        }
     if "matplotlib" in result["versions"]:
         assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
@@ -238,7 +240,7 @@ def test_cli_quick_mixed_run(tmp_path):
             if name not in available:
                 assert record["status"] == "unavailable"
                 continue
-            if name == "torch":
+            if name in ("torch", "jax"):  # peers: the mixed cases time linmaps' own calls
                 assert record["status"] == "not applicable" and record["reason"]
                 continue
             assert record["status"] == "ok", record

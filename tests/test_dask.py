@@ -439,9 +439,11 @@ def test_distributed_workers_use_one_thread_per_task(dask_client):
 @pytest.fixture(scope="module")
 def dask_client():
     distributed = pytest.importorskip("distributed")
+    # dashboard_address=None would still serve HTTP on port 8787, and warn when that port
+    # is taken (another cluster, a parallel run); ":0" takes a free port, silently.
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -439,15 +439,23 @@ def test_distributed_workers_use_one_thread_per_task(dask_client):
 @pytest.fixture(scope="module")
 def dask_client():
     distributed = pytest.importorskip("distributed")
-    # dashboard_address=None would still serve HTTP on port 8787, and warn when that port
-    # is taken (another cluster, a parallel run); ":0" takes a free port, silently.
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        yield client
+    # Dask's nanny writes its workers' environment (OMP_NUM_THREADS=1, ...) into this
+    # process's os.environ and leaves it there: every subprocess a later test starts would
+    # inherit it. Restored when the cluster closes.
+    environ = dict(os.environ)
+    try:
+        # dashboard_address=None would still serve HTTP on port 8787, and warn when that
+        # port is taken (another cluster, a parallel run); ":0" takes a free port, silently.
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS.values(), ids=CHUNKINGS.keys())

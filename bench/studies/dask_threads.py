@@ -8,7 +8,8 @@ Rows/s of a bilinear forward and backward (N x 64 x 64 -> 16, float32, in memory
   threads exceeds the cores when several tasks run at once;
 * ``one``: one thread per task;
 
-for many chunks and for one chunk, next to the in-memory call on the whole batch.
+for many chunks and for one chunk, each timed alternately with the in-memory call on the whole
+batch (the ratio is dask / in-memory rows/s).
 
     python bench/studies/dask_threads.py [N] [reps]
 """
@@ -18,7 +19,7 @@ import sys
 import dask
 import dask.array as da
 import numpy as np
-from _timing import best_s
+from _timing import samples_s
 
 import linmaps
 import linmaps.dask as ldk
@@ -29,6 +30,18 @@ IN1 = IN2 = 64
 L = 16
 
 
+def interleaved_best(f_memory, f_dask, reps):
+    """Best seconds of each, the two calls alternating (a busy machine drifts; alternating
+    exposes both to the same drift). One untimed call of each first."""
+    f_memory()
+    f_dask()
+    memory, chunked = [], []
+    for _ in range(reps):
+        memory.append(samples_s(f_memory, 1, warmup=0)[0])
+        chunked.append(samples_s(f_dask, 1, warmup=0)[0])
+    return min(memory), min(chunked)
+
+
 def main():
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((N, IN1), dtype=np.float32)
@@ -36,12 +49,13 @@ def main():
     w = rng.standard_normal((L, IN1, IN2), dtype=np.float32) / 64
     g = rng.standard_normal((N, L), dtype=np.float32)
     total = linmaps.get_num_threads()
-    print(f"N={N} {IN1}x{IN2}->{L} float32, linmaps threads {total}, "
-          f"Dask threaded pool {dask.system.CPU_COUNT}, best of {REPS}")
-
-    fwd = best_s(lambda: linmaps.bilinear(x1, x2, w), REPS)
-    bwd = best_s(lambda: linmaps.bilinear_backward(g, x1, x2, w, bias=False), REPS)
-    print(f"{'in memory':>24}: fwd {N / fwd / 1e6:6.2f} M rows/s   bwd {N / bwd / 1e6:6.2f} M rows/s")
+    print(
+        f"N={N} {IN1}x{IN2}->{L} float32, linmaps threads {total}, "
+        f"Dask threaded pool {dask.system.CPU_COUNT}, best of {REPS}, "
+        "each against the in-memory call on the whole batch, alternating"
+    )
+    fwd_memory = lambda: linmaps.bilinear(x1, x2, w)  # noqa: E731
+    bwd_memory = lambda: linmaps.bilinear_backward(g, x1, x2, w, bias=False)  # noqa: E731
     for n_chunks in (16, 1):
         rows = -(-N // n_chunks)
         x1d = da.from_array(x1, chunks=(rows, -1))
@@ -50,11 +64,17 @@ def main():
         for policy, per_task in (("share", None), ("full", total), ("one", 1)):
             z = ldk.bilinear(x1d, x2d, w, threads_per_task=per_task)
             grads = ldk.bilinear_backward(gd, x1d, x2d, w, bias=False, threads_per_task=per_task)
-            f = best_s(lambda: z.compute(scheduler="threads"), REPS)
-            b = best_s(lambda: dask.compute(*grads, scheduler="threads"), REPS)
+            fm, fd = interleaved_best(fwd_memory, lambda: z.compute(scheduler="threads"), REPS)
+            bm, bd = interleaved_best(
+                bwd_memory, lambda: dask.compute(*grads, scheduler="threads"), REPS
+            )
             label = f"{n_chunks} chunks, {policy}"
-            print(f"{label:>24}: fwd {N / f / 1e6:6.2f} M rows/s ({fwd / f:4.2f})   "
-                  f"bwd {N / b / 1e6:6.2f} M rows/s ({bwd / b:4.2f})")
+            print(
+                f"{label:>18}: fwd {N / fd / 1e6:5.2f} M rows/s ({fm / fd:4.2f} of "
+                f"{N / fm / 1e6:5.2f})   bwd {N / bd / 1e6:5.2f} M rows/s ({bm / bd:4.2f} of "
+                f"{N / bm / 1e6:5.2f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -133,6 +133,29 @@ def test_several_batch_axes_and_a_2d_weight():
         _close(a, e, np.float64)
 
 
+def test_a_single_sample_and_an_empty_batch():
+    rng = np.random.default_rng(4)
+    w, b = rng.standard_normal((3, 5)), rng.standard_normal(3)
+    x = rng.standard_normal(5)  # no batch axis: one chunk
+    _same_bits(ldk.linear(x, w, b).compute(), linmaps.linear(x, w, b))
+    got = dask.compute(*ldk.linear_backward(np.ones(3), x, w))
+    for a, e in zip(got, linmaps.linear_backward(np.ones(3), x, w)):
+        _same_bits(a, e)
+    x1, x2, w3 = np.zeros((0, 4)), np.zeros((0, 6)), rng.standard_normal((2, 4, 6))
+    assert ldk.bilinear(da.from_array(x1), x2, w3).compute().shape == (0, 2)
+    got = dask.compute(*ldk.bilinear_backward(np.zeros((0, 2)), x1, x2, w3))
+    for a, e in zip(got, linmaps.bilinear_backward(np.zeros((0, 2)), x1, x2, w3)):
+        _same_bits(a, e)
+
+
+def test_dask_weight_and_bias_are_one_chunk():
+    x, _, w3, b, _ = _data()
+    w = w3[:, :, 0].copy()
+    wd, bd = da.from_array(w, chunks=(2, 3)), da.from_array(b, chunks=1)
+    y = ldk.linear(da.from_array(x, chunks=30), wd, bd)
+    _close(y.compute(), linmaps.linear(x, w, b), np.float64)
+
+
 @pytest.mark.parametrize(
     ("dtypes", "result"),
     [

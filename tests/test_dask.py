@@ -453,7 +453,20 @@ def test_thread_share_on_the_threaded_scheduler():
 
 def test_distributed_workers_use_one_thread_per_task(dask_client):
     assert set(dask_client.run(linmaps.get_num_threads).values()) == {1}  # OMP_NUM_THREADS=1
-    assert dask_client.submit(ldk._threads_for_task, 8, None, pure=False).result() == 1
+    for n_blocks in (8, 1):
+        share = dask_client.submit(ldk._threads_for_task, n_blocks, None, pure=False)
+        assert share.result() == 1
+
+
+def test_a_worker_share_is_its_nthreads_whatever_openmp_allows(monkeypatch):
+    # A worker that inherited OMP_NUM_THREADS=2 (from its parent's environment) but has
+    # nthreads=1 runs one thread per task; with 4 threads and one chunk, the chunk gets
+    # them all, up to linmaps' own thread count.
+    monkeypatch.setattr(ldk, "_scheduler_threads", lambda: (1, 1))
+    assert ldk._threads_for_task(1, None) == 1
+    monkeypatch.setattr(ldk, "_scheduler_threads", lambda: (4, 4))
+    assert ldk._threads_for_task(1, None) == min(4, linmaps.get_num_threads())
+    assert ldk._threads_for_task(8, None) == 1
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -16,11 +16,12 @@ checks run on the arguments' shapes and dtypes before any graph is built.
 * **Weight and bias gradients** are sums of per-chunk partial sums, added in a fixed tree
   (``split_every`` chunks per node, in chunk order), so a given chunking gives the same bits
   on any scheduler and any number of workers or threads.
-* **Threads.** A task's linmaps call uses ``linmaps.get_num_threads() // min(chunks, tasks
-  the scheduler runs at once)`` threads (at least 1), so that tasks x threads stay within
-  the cores: on ``dask.distributed`` workers (which start with ``OMP_NUM_THREADS=1``) that is
-  one thread; on the threaded scheduler with more chunks than cores it is one thread per
-  task. ``threads_per_task=`` overrides it. See ``docs/dask.md``.
+* **Threads.** A task's linmaps call uses its share of the scheduler's threads, ``threads //
+  min(chunks, tasks run at once)`` (at least 1, at most ``linmaps.get_num_threads()``), so
+  that tasks x threads stay within the cores: on a ``dask.distributed`` worker ``threads``
+  and ``tasks`` are its ``nthreads`` (one thread per task when there are enough chunks); on
+  the threaded scheduler ``threads`` is ``linmaps.get_num_threads()`` and ``tasks`` its pool
+  size. ``threads_per_task=`` overrides it. See ``docs/dask.md``.
 
 Needs Dask: ``pip install "linmaps[dask]"``.
 """
@@ -98,29 +99,34 @@ def _omp_icv():
 _icv = None
 
 
-def _tasks_at_once() -> int:
-    """How many tasks the scheduler running this task runs at once in this process."""
+def _scheduler_threads() -> tuple:
+    """``(threads, tasks)``: how many threads the scheduler running this task may use in
+    this process, and how many tasks it runs at once there."""
     if "distributed" in sys.modules:
         try:
             from distributed import get_worker
 
-            return max(1, int(get_worker().state.nthreads))
+            nthreads = max(1, int(get_worker().state.nthreads))
+            return nthreads, nthreads  # a worker's nthreads is its share of the cores
         except (ImportError, ValueError, AttributeError):
             pass  # not inside a distributed worker
+    threads = _backend.get_num_threads()
     if threading.current_thread() is threading.main_thread():
-        return 1  # the synchronous scheduler runs tasks on the calling thread
+        return threads, 1  # the synchronous scheduler runs tasks on the calling thread
     num_workers = dask.config.get("num_workers", None)
     if isinstance(num_workers, numbers.Integral) and num_workers >= 1:
-        return int(num_workers)
-    return dask.system.CPU_COUNT
+        return threads, int(num_workers)
+    return threads, dask.system.CPU_COUNT
 
 
 def _threads_for_task(n_blocks: int, threads_per_task) -> int:
-    """The threads one task's linmaps call uses: its share of ``get_num_threads()``."""
+    """The threads one task's linmaps call uses: its share of the scheduler's threads, and
+    never more than ``linmaps.get_num_threads()`` (``OMP_NUM_THREADS``)."""
     if threads_per_task is not None:
         return threads_per_task
-    concurrent = max(1, min(n_blocks, _tasks_at_once()))
-    return max(1, _backend.get_num_threads() // concurrent)
+    threads, tasks = _scheduler_threads()
+    share = threads // max(1, min(n_blocks, tasks))
+    return max(1, min(_backend.get_num_threads(), share))
 
 
 @contextlib.contextmanager

@@ -84,7 +84,13 @@ def main(argv=None) -> int:
             client.close()
         if cluster is not None:
             cluster.close()
-    where = "threaded scheduler" if client is None else f"{args.cluster or args.scheduler}"
+    where = (
+        "threaded scheduler"
+        if client is None
+        else f"{args.cluster}-worker LocalCluster"
+        if args.cluster
+        else f"cluster at {args.scheduler}"
+    )
     print(
         f"scored {args.rows:,} pairs ({args.in1}x{args.in2} -> {args.out}) in {seconds:.2f} s "
         f"({args.rows / seconds / 1e6:.2f} M rows/s) on the {where}; "

@@ -561,6 +561,34 @@ def test_streaming_forward_never_holds_the_input(tmp_path):
     del written, inputs
 
 
+def test_blocks_read_from_a_store_are_read_inside_the_chunk_tasks(tmp_path, dask_client):
+    # Each task reads its own rows of x1 and x2: no read is a task of its own whose chunk
+    # another worker would have to fetch.
+    x1, x2, w, b, g = _data(np.float32, n=4000, in1=8, in2=6, out=3)
+    np.save(tmp_path / "x1.npy", x1)
+    np.save(tmp_path / "x2.npy", x2)
+    x1d = ldk.from_npy(tmp_path / "x1.npy", chunks=(500, -1))
+    x2d = ldk.from_npy(tmp_path / "x2.npy", chunks=(500, -1))
+    z = ldk.bilinear(x1d, x2d, w, b)
+    grads = ldk.bilinear_backward(g, x1d, x2d, w)
+    for result in (z, grads.grad_x1):
+        graph = result.__dask_optimize__(result.__dask_graph__(), result.__dask_keys__())
+        read_tasks = [
+            k for k in dict(graph) if isinstance(k, tuple) and k[0] in (x1d.name, x2d.name)
+        ]
+        assert read_tasks == []
+
+    def incoming(dask_worker):
+        return sum(entry["total"] for entry in dask_worker.transfer_incoming_log)
+
+    before = sum(dask_client.run(incoming).values())
+    got = dask_client.compute(z, sync=True)
+    moved = sum(dask_client.run(incoming).values()) - before
+    assert moved < 2 * 500 * 8 * 4  # less than one chunk pair: the weight, the readers
+    expected = np.concatenate(_per_chunk(linmaps.bilinear, x1d.chunks[0], x1, x2, weight=w, bias=b))
+    _same_bits(got, expected)
+
+
 def test_npy_round_trip(tmp_path):
     data = np.arange(60, dtype=np.float64).reshape(20, 3)
     np.save(tmp_path / "a.npy", data)

@@ -109,7 +109,7 @@ def _mismatch(name, got, expected, relative) -> str | None:
 
 
 def worker_run(session, case: DaskCase, settings) -> dict:
-    """Write the table, time the in-memory calls, then the cluster's; check both.
+    """Write the table; time the in-memory calls and the cluster's, alternating; check.
 
     Runs in the ``cpp`` backend's worker (``BackendSession.run``). Forward: ``z`` written to
     an ``.npy`` file chunk by chunk (``to_npy``); backward: ``grad_x1`` and ``grad_x2``
@@ -144,22 +144,13 @@ def worker_run(session, case: DaskCase, settings) -> dict:
         bias = rng.standard_normal(out).astype(dtype)
 
         # In memory: the whole arrays in RAM, linmaps' threads (the suite's --threads).
-        x1, x2, grad_z = (np.load(paths[name]) for name in ("x1", "x2", "grad_z"))
+        table = {name: np.load(paths[name]) for name in ("x1", "x2", "grad_z")}
+        x1, x2, grad_z = table["x1"], table["x2"], table["grad_z"]
         linmaps.bilinear(x1[:1000], x2[:1000], weight, bias)
         linmaps.bilinear_backward(grad_z[:1000], x1[:1000], x2[:1000], weight)
-        forward_s = min(_timed(lambda: linmaps.bilinear(x1, x2, weight, bias)) for _ in range(reps))
-        backward_s, full = [], None
-        for _ in range(reps):
-            full = None  # the previous call's gradients are freed first
-            start = time.perf_counter()
-            full = linmaps.bilinear_backward(grad_z, x1, x2, weight)
-            backward_s.append(time.perf_counter() - start)
-        full_grad_weight, full_grad_bias = full.grad_weight, full.grad_bias
-        del full, x1, x2, grad_z
-        record["memory"] = {
-            "forward_s": forward_s,
-            "backward_s": min(backward_s),
-            "threads": linmaps.get_num_threads(),
+        in_memory = {
+            "forward": lambda: linmaps.bilinear(x1, x2, weight, bias),
+            "backward": lambda: linmaps.bilinear_backward(grad_z, x1, x2, weight),
         }
 
         start = time.perf_counter()
@@ -174,43 +165,67 @@ def worker_run(session, case: DaskCase, settings) -> dict:
             distributed.Client(cluster) as client,
         ):
             record["cluster_start_s"] = time.perf_counter() - start
-            x1 = ldk.from_npy(paths["x1"], chunks=(chunk, -1))
-            x2 = ldk.from_npy(paths["x2"], chunks=(chunk, -1))
-            grad_z = ldk.from_npy(paths["grad_z"], chunks=(chunk, -1))
-            ldk.bilinear(x1[:1000], x2[:1000], weight, bias).compute()  # workers import linmaps
-            z = ldk.bilinear(x1, x2, weight, bias)
-            grads = ldk.bilinear_backward(grad_z, x1, x2, weight)
+            x1d = ldk.from_npy(paths["x1"], chunks=(chunk, -1))
+            x2d = ldk.from_npy(paths["x2"], chunks=(chunk, -1))
+            grad_zd = ldk.from_npy(paths["grad_z"], chunks=(chunk, -1))
+            ldk.bilinear(x1d[:1000], x2d[:1000], weight, bias).compute()  # workers import linmaps
+            z = ldk.bilinear(x1d, x2d, weight, bias)
+            grads = ldk.bilinear_backward(grad_zd, x1d, x2d, weight)
+            sums = {}
 
-            def backward():
-                return dask.compute(
+            def cluster_backward():
+                sums["grad_weight"], sums["grad_bias"] = dask.compute(
                     ldk.to_npy(grads.grad_x1, paths["grad_x1"], compute=False),
                     ldk.to_npy(grads.grad_x2, paths["grad_x2"], compute=False),
                     grads.grad_weight,
                     grads.grad_bias,
                 )[2:]
 
-            cluster_forward = min(_timed(lambda: ldk.to_npy(z, paths["z"])) for _ in range(reps))
-            cluster_backward = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                grad_weight, grad_bias = backward()
-                cluster_backward.append(time.perf_counter() - start)
+            on_cluster = {
+                "forward": lambda: ldk.to_npy(z, paths["z"]),
+                "backward": cluster_backward,
+            }
+            # The two alternate, in memory then cluster, so that a machine that gets busier
+            # or quieter during the case weighs on both alike; the best of each counts.
+            times = {
+                "memory": {op: [] for op in OPERATIONS},
+                "cluster": {op: [] for op in OPERATIONS},
+            }
+            for op in OPERATIONS:
+                for _ in range(reps):
+                    result = None
+                    start = time.perf_counter()
+                    result = in_memory[op]()
+                    times["memory"][op].append(time.perf_counter() - start)
+                    if op == "backward":
+                        full_grad_weight, full_grad_bias = result.grad_weight, result.grad_bias
+                    result = None  # the in-memory outputs are freed before the cluster runs
+                    times["cluster"][op].append(_timed(on_cluster[op]))
             workers = sorted(client.scheduler_info()["workers"])
             shares = [
-                client.submit(ldk._threads_for_task, x1.numblocks[0], None, workers=[w], pure=False)
+                client.submit(
+                    ldk._threads_for_task, x1d.numblocks[0], None, workers=[w], pure=False
+                )
                 for w in workers
             ]
+            record["memory"] = {
+                **{f"{op}_s": min(times["memory"][op]) for op in OPERATIONS},
+                "samples_s": times["memory"],
+                "threads": linmaps.get_num_threads(),
+            }
             record["cluster"] = {
-                "forward_s": cluster_forward,
-                "backward_s": min(cluster_backward),
+                **{f"{op}_s": min(times["cluster"][op]) for op in OPERATIONS},
+                "samples_s": times["cluster"],
                 "workers": case.workers,
                 # linmaps' thread count in each worker (OMP_NUM_THREADS, which Dask's nanny
                 # sets to 1 unless the parent's environment has one) and the share a task
                 # of this graph uses there (linmaps.dask: at most the worker's nthreads).
                 "worker_linmaps_threads": sorted(client.run(linmaps.get_num_threads).values()),
                 "threads_per_task": sorted(client.gather(shares)),
-                "tasks": x1.numblocks[0],
+                "tasks": x1d.numblocks[0],
             }
+        grad_weight, grad_bias = sums["grad_weight"], sums["grad_bias"]
+        table = x1 = x2 = grad_z = in_memory = None  # 4 GB of arrays: freed before the check
 
         # The check: a first and a last chunk bit for bit against the in-memory functions
         # on those rows; weight and bias gradients (sums over every chunk) to rounding.
@@ -220,7 +235,7 @@ def worker_run(session, case: DaskCase, settings) -> dict:
             _mismatch("grad_weight", grad_weight, full_grad_weight, relative),
             _mismatch("grad_bias", grad_bias, full_grad_bias, relative),
         ]
-        for rows_slice in (slice(0, chunk), slice(rows - x1.chunks[0][-1], rows)):
+        for rows_slice in (slice(0, chunk), slice(rows - x1d.chunks[0][-1], rows)):
             a, b, g = (np.asarray(table[k][rows_slice]) for k in ("x1", "x2", "grad_z"))
             expected = linmaps.bilinear_backward(g, a, b, weight, need_weight=False, bias=False)
             problems += [

@@ -825,8 +825,10 @@ def _with_layer(graph, name, layer, dependency):
 
 
 class _NpyRows:
-    """A read-only array-like over an ``.npy`` file that reads each requested slice from
-    disk (through a memory map, copied so the chunk owns its memory and no mapping stays).
+    """A read-only array-like over an ``.npy`` file whose slices are read from disk when
+    asked for: each is a view of a fresh read-only memory map of the file, so the pages are
+    read (from the page cache or the disk) as the computation touches them, without a copy,
+    and the mapping goes when the chunk does.
 
     ``da.from_array`` copies an ``np.memmap`` (an ndarray) into memory whole; this object
     is not an ndarray, so Dask calls ``__getitem__`` per chunk instead.
@@ -838,7 +840,7 @@ class _NpyRows:
         self.shape, self.dtype, self.ndim = mapped.shape, mapped.dtype, mapped.ndim
 
     def __getitem__(self, index):
-        return np.array(np.load(self.path, mmap_mode="r")[index])
+        return np.asarray(np.load(self.path, mmap_mode="r")[index])
 
 
 def from_npy(path, chunks="auto"):
@@ -855,8 +857,9 @@ def from_npy(path, chunks="auto"):
     Returns
     -------
     dask.array.Array
-        Each task maps the file and copies its slice, so a worker holds only its chunks;
-        every worker must see the file at ``path`` (one machine or a shared file system).
+        Each task maps the file and reads only its slice, so a worker holds only its
+        chunks; every worker must see the file at ``path`` (one machine or a shared file
+        system).
     """
     reader = _NpyRows(path)
     status = os.stat(reader.path)

@@ -370,3 +370,44 @@ def test_thread_count_backends_run_with_their_own_thread_count():
     case = result["cases"][0]
     assert all(record["status"] == "ok" for record in case["results"]["python/1"].values())
     assert "cpp_vs_python/1" in case["speedups"]["forward"]
+
+
+def test_cli_quick_dask_case(tmp_path):
+    # The dask case end to end on a tiny custom size: in the cpp worker, a table on disk, the
+    # in-memory calls, a 2-process LocalCluster, the check and both rates; reported
+    # "unavailable" (not an error) where Dask is not installed.
+    from linmaps_bench.cases import dask_cluster
+
+    if "cpp" not in linmaps.available_backends():
+        pytest.skip("the dask case runs in the cpp backend's worker")
+    json_path = tmp_path / "dask.json"
+    proc = run_bench_cli(
+        "--no-memory",
+        "--no-plot",
+        "--backends",
+        "cpp,python",
+        "--cases",
+        "dask:16000x8x6x3",
+        "--json",
+        str(json_path),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(json_path.read_text())
+    (case,) = result["dask"]
+    assert case["id"] == "dask-bilinear-16000x8x6x3" and case["dims"] == [16000, 8, 6, 3]
+    assert case["results"]["python"]["status"] == "not applicable"
+    record = case["results"]["cpp"]
+    missing = dask_cluster.dask_missing()
+    if missing is not None:
+        assert record == {"status": "unavailable", "reason": missing}
+        assert "linmaps[dask]" in proc.stdout
+        return
+    assert record["status"] == "ok", record
+    assert record["check"]["passed"] and record["rows"] == 2000  # --quick: an eighth
+    assert record["cluster"]["threads_per_task"] == [1, 1]
+    for op in ("forward", "backward"):
+        rates = record["rows_per_s"]
+        assert rates["memory"][op] > 0 and rates["cluster"][op] > 0
+        assert record["ratio"][op] == pytest.approx(rates["cluster"][op] / rates["memory"][op])
+        assert f"{record['ratio'][op]:.2f}" in proc.stdout
+    assert "dask cluster / in memory (target >= 0.8)" in proc.stdout

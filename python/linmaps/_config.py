@@ -25,6 +25,19 @@ def _openmp_runtime() -> str:
     return "runtime not identified"
 
 
+def _torch_version(version, not_found) -> dict:
+    """``{"torch": version}`` when PyTorch is installed (for ``linmaps.torch``), else ``{}``.
+
+    Read from the package metadata, so that show_config() does not import torch (seconds).
+    """
+    if "torch" in sys.modules:
+        return {"torch": str(sys.modules["torch"].__version__)}
+    try:
+        return {"torch": version("torch")}
+    except not_found:
+        return {}
+
+
 def config() -> dict:
     """The facts ``show_config`` prints, as a dict (for bug reports and benchmark records)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -36,6 +49,7 @@ def config() -> dict:
     info = {
         "linmaps": linmaps_version,
         "numpy": np.__version__,
+        **_torch_version(version, PackageNotFoundError),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -66,8 +80,8 @@ def config() -> dict:
 
 
 def show_config() -> None:
-    """Print versions (linmaps, NumPy, Eigen), compiler and flags, the instruction set selected
-    and those available, OpenMP runtime and its spin setting, thread count and cap, whose
-    threads NumPy's BLAS runs on, and the backend."""
+    """Print versions (linmaps, NumPy, PyTorch if installed, Eigen), compiler and flags, the
+    instruction set selected and those available, OpenMP runtime and its spin setting, thread
+    count and cap, whose threads NumPy's BLAS runs on, and the backend."""
     for key, value in config().items():
         print(f"{key:>20}: {value}")

@@ -84,7 +84,7 @@ def _placeholder(like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("linmaps::linear", mutates_args=(), device_types="cpu")
-def _linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # noqa: UP045
     _follow_torch_threads()
     return _tensor(
         _api.linear(_numpy(input), _numpy(weight), None if bias is None else _numpy(bias))
@@ -213,7 +213,12 @@ _linear_backward_op.register_autograd(
 
 
 @torch.library.custom_op("linmaps::bilinear", mutates_args=(), device_types="cpu")
-def _bilinear_op(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _bilinear_op(
+    input1: Tensor,
+    input2: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],  # noqa: UP045
+) -> Tensor:
     _follow_torch_threads()
     return _tensor(
         _api.bilinear(

@@ -18,6 +18,7 @@ system's ``libgomp.so.1``) and once with the wheel (which bundles ``libgomp-<has
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -28,7 +29,15 @@ VARIANTS = {
     "long": (1024, 1024, 128, 64, 32),
     "short": (32, 64, 64, 64, 32),
 }
-ORDERS = ("torch-first", "linmaps-first")
+# torch-first: `import torch` first; linmaps.torch-first: `import linmaps.torch` before torch
+# (what isort's order gives); linmaps-first: `import linmaps` (the NumPy API), then torch, then
+# linmaps.torch.
+IMPORTS = {
+    "torch-first": ("torch", "linmaps.torch"),
+    "linmaps.torch-first": ("linmaps.torch", "torch"),
+    "linmaps-first": ("linmaps", "torch", "linmaps.torch"),
+}
+ORDERS = tuple(IMPORTS)
 
 
 def make_step(batch, d_in, hidden, in2, out):
@@ -77,7 +86,6 @@ def per_step_s(fns, reps, warmup=3):
 
 def measure(variant, reps, rounds):
     import numpy as np
-    import torch
 
     torch_fwd, torch_bwd, lm_step, state = make_step(*VARIANTS[variant])
     rows = []
@@ -111,21 +119,19 @@ def main():
             argv += ["--reps", str(args.reps), "--rounds", str(args.rounds)]
             subprocess.run([sys.executable, *argv], check=True)
         return
-    if args.order == "torch-first":
-        import torch
+    # importlib, so that the order is the one named (an import sorter would reorder statements)
+    for name in IMPORTS[args.order]:
+        importlib.import_module(name)
+    import torch
 
-        import linmaps
-    else:
-        import linmaps
-        import torch
-    import linmaps.torch  # noqa: F401
+    import linmaps
 
-    runtimes = sorted(
-        {os.path.basename(line.split()[-1]) for line in open("/proc/self/maps") if "gomp" in line}
-    )
+    with open("/proc/self/maps") as maps:
+        runtimes = sorted({os.path.basename(ln.split()[-1]) for ln in maps if "gomp" in ln})
     print(
         f"{args.order}: torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"linmaps from {os.path.dirname(linmaps.__file__)}; libgomp loaded: {runtimes}; "
+        f"torch's spin: {linmaps._threads.torch_wait_policy}; "
         f"load {os.getloadavg()[0]:.2f}",
         flush=True,
     )

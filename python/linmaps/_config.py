@@ -72,6 +72,11 @@ def config() -> dict:
                 "simd": core.simd,
                 "openmp": f"{core.openmp} ({_openmp_runtime()})",
                 "openmp_wait": _threads.wait_policy,
+                **(
+                    {}
+                    if _threads.torch_wait_policy is None
+                    else {"torch_openmp_wait": _threads.torch_wait_policy}
+                ),
                 "thread_cap": int(core.thread_cap()),
                 "blas_threads": _threads.describe(),
             }

@@ -22,10 +22,19 @@ bfloat16, integer or mixed dtypes, a broadcast bias, bad shapes) goes to PyTorch
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
+from . import _api, _backend, _threads
+
 try:
-    import torch
+    if "torch" in sys.modules:
+        import torch
+
+        _threads.torch_wait_policy = "torch's own (torch was imported before linmaps.torch)"
+    else:
+        with _threads.short_spin_while_importing_torch():
+            import torch
     import torch.nn.functional as F
     from torch import Tensor
 except ImportError as exc:  # pragma: no cover - exercised only without torch
@@ -33,8 +42,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "linmaps.torch needs PyTorch 2.4 or later, which is not installed: install it with "
         "`pip install 'linmaps[torch]'` (or pick a torch build from https://pytorch.org)"
     ) from exc
-
-from . import _api, _backend
 
 if not hasattr(torch, "library") or not hasattr(torch.library, "custom_op"):  # pragma: no cover
     raise ImportError(

@@ -2,8 +2,11 @@
 opcheck, the modules against torch.nn, fallbacks, errors, modes, threads, torch.compile and a
 small training run against the all-PyTorch model. Skipped when torch is not installed."""
 
+import runpy
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,3 +486,26 @@ def test_import_error_names_the_extra_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "linmaps[torch]" in result.stderr
+
+
+def test_torch_func_transforms_go_to_torch():
+    x1, x2, weight = randn(3, 4), randn(3, 5, seed=1), randn(2, 4, 5, seed=2)
+    with warnings.catch_warnings():
+        # PyTorch's own warnings about its _trilinear batching rule, for both sides alike.
+        warnings.simplefilter("ignore", UserWarning)
+        results = [
+            (
+                torch.func.grad(lambda a, f=function: f(a, x2, weight).square().sum())(x1),
+                torch.func.vmap(lambda a, b, f=function: f(a, b, weight))(x1, x2),
+            )
+            for function in (lt.bilinear, F.bilinear)
+        ]
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+def test_example_runs(capsys):
+    example = Path(__file__).resolve().parent.parent / "examples" / "torch_bilinear.py"
+    namespace = runpy.run_path(str(example), run_name="example")
+    assert namespace["main"](["--steps", "6", "--batch", "16", "--hidden", "8"]) == 0
+    assert "per step: linmaps.torch" in capsys.readouterr().out

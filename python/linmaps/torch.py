@@ -484,9 +484,14 @@ def _needs_graph(*tensors) -> bool:
 # ----------------------------------------------------------------------------- public functions
 
 
-def _autocast_on() -> bool:
-    # Under CPU autocast PyTorch's own op runs in autocast's dtype: keep its semantics.
-    return torch.is_autocast_enabled("cpu")
+def _torch_semantics_needed() -> bool:
+    """Whether PyTorch's own operator must run whatever the tensors: under CPU autocast (it
+    computes in autocast's dtype) and inside torch.func transforms (vmap, grad, jacrev, ...:
+    they need batching and functorch-aware autograd rules, which PyTorch's ops have)."""
+    if torch.is_autocast_enabled("cpu"):
+        return True
+    # Constant under torch.compile (its own functorch handling traces through this check).
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def _kernel_tensors(*tensors) -> bool:
@@ -524,7 +529,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and input.shape[-1] == weight.shape[1]
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
         and _kernel_tensors(input, weight, *(() if bias is None else (bias,)))
-        and not _autocast_on()
+        and not _torch_semantics_needed()
     ):
         if not _eager(input, weight, bias):
             return torch.ops.linmaps.linear(input, weight, bias)
@@ -561,7 +566,7 @@ def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Tensor | None
         and input2.shape[-1] == weight.shape[2]
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
         and _kernel_tensors(input1, input2, weight, *(() if bias is None else (bias,)))
-        and not _autocast_on()
+        and not _torch_semantics_needed()
     ):
         if not _eager(input1, input2, weight, bias):
             return torch.ops.linmaps.bilinear(input1, input2, weight, bias)

@@ -12,17 +12,23 @@ from . import _backend, _threads
 
 
 def _openmp_runtime() -> str:
-    """Path of the OpenMP runtime library loaded in this process (bundled or system)."""
+    """Path of the OpenMP runtime library loaded in this process (bundled or system); all of
+    them when there are several (linmaps' wheel and torch's each bring a libgomp)."""
+    paths = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.split()[-1]
                 name = os.path.basename(path)
-                if name.startswith(("libgomp", "libomp", "libiomp")):
-                    return path
+                if name.startswith(("libgomp", "libomp", "libiomp")) and path not in paths:
+                    paths.append(path)
     except OSError:
         pass
-    return "runtime not identified"
+    if not paths:
+        return "runtime not identified"
+    if len(paths) == 1:
+        return paths[0]
+    return f"{len(paths)} runtimes loaded: {', '.join(paths)}"
 
 
 def _torch_version(version, not_found) -> dict:

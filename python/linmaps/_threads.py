@@ -93,7 +93,16 @@ def short_spin_while_loading():
     finally:
         del os.environ["GOMP_SPINCOUNT"]
     loaded = _loaded_openmp_runtimes() - before
-    if loaded:
+    if loaded and before:
+        # A libgomp of another name was loaded first (torch's, say). If that library made it
+        # global, the dynamic linker binds linmaps' OpenMP calls to it, with its own spin
+        # (docs/torch.md, "Threads").
+        names = ", ".join(sorted(os.path.basename(p) for p in before))
+        wait_policy = (
+            f"GOMP_SPINCOUNT={SPINCOUNT} for linmaps' libgomp; but {names} was loaded first and "
+            "may serve linmaps' OpenMP calls with its own setting"
+        )
+    elif loaded:
         wait_policy = f"GOMP_SPINCOUNT={SPINCOUNT} (set by linmaps when loading its libgomp)"
     else:
         # The libgomp linmaps links was already loaded (by another library), with its own

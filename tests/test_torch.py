@@ -150,9 +150,11 @@ def test_only_the_needed_bilinear_gradients_are_computed(monkeypatch, wanted):
     original = _api.bilinear_backward
 
     def recording(*args, **flags):
-        calls.append(flags)
+        calls.append({k: v for k, v in flags.items() if k != "context"})
+        contexts.append(flags.get("context"))
         return original(*args, **flags)
 
+    contexts = []
     monkeypatch.setattr(_api, "bilinear_backward", recording)
     inputs = [randn(6, 5), randn(6, 4, seed=1), randn(3, 5, 4, seed=2), randn(3, seed=3)]
     for index in wanted:
@@ -164,6 +166,8 @@ def test_only_the_needed_bilinear_gradients_are_computed(monkeypatch, wanted):
     z.sum().backward()
     names = ("need_x1", "need_x2", "need_weight", "bias")
     assert calls == [{name: i in wanted for i, name in enumerate(names)}]
+    # The eager path's backward uses the forward's kept intermediate (bilinear_with_context).
+    assert isinstance(contexts[0], linmaps.BilinearContext) and contexts[0].kept_bytes > 0
     for index, tensor in enumerate(inputs):
         assert (tensor.grad is not None) == (index in wanted)
 

@@ -330,11 +330,71 @@ def test_case_selection():
     assert [c.id for c in lb.select_cases("1024x,bilinear:2x3x4x5")] == [
         "bilinear-1024x128x128x64",
         "linear-4096x1024x1024",
+        "train-step-1024x128x128x64",
         "bilinear-2x3x4x5",
     ]
+    train_steps = [c.id for c in lb.select_cases("train-step")]
+    assert train_steps == [
+        "train-step-" + "x".join(map(str, c.dims)) for c in lb.DEFAULT_CASES if c.kind == "bilinear"
+    ]
+    assert [c.id for c in lb.select_cases("train-step:2x3x4x5")] == ["train-step-2x3x4x5"]
+    with pytest.raises(ValueError, match="4 positive sizes"):
+        lb.select_cases("train-step:2x3x4")
     assert [c.id for c in lb.select_cases("linear-1x")] == ["linear-1x64x64"]
     with pytest.raises(ValueError, match="matches no case"):
         lb.select_cases("nonsense")
+
+
+def test_cli_quick_train_step_run(tmp_path):
+    # The train-step case end to end in the torch backend's worker: both models' first steps
+    # checked against the oracle, both timed; the speed-up reaches the table, the summary and
+    # the JSON. Without torch the case is reported unavailable, not an error.
+    json_path = tmp_path / "train.json"
+    proc = run_bench_cli(
+        "--no-memory",
+        "--no-plot",
+        "--cases",
+        "train-step:6x4x5x3",
+        "--backends",
+        "python,torch",
+        "--json",
+        str(json_path),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(json_path.read_text())
+    (case,) = result["train_step"]
+    assert case["id"] == "train-step-6x4x5x3" and case["kind"] == "train-step"
+    assert case["results"]["python"]["status"] == "not applicable"
+    torch_record = case["results"]["torch"]
+    if not result["backends"]["torch"]["available"]:
+        assert torch_record["status"] == "unavailable" and torch_record["reason"]
+        return
+    assert torch_record["status"] == "ok", torch_record
+    assert all(check["passed"] for check in torch_record["check"].values())
+    times = torch_record["t_torch_nn_s"], torch_record["t_linmaps_torch_s"]
+    assert all(math.isfinite(t) and t > 0 for t in times)
+    assert torch_record["speedup"] == pytest.approx(times[0] / times[1])
+    assert len(torch_record["speedup_rounds"]) == result["settings"]["mixed_rounds"]
+    assert torch_record["torch_threads"] == torch_record["linmaps_threads"]
+    assert "train-step speed-up of linmaps.torch over torch.nn" in proc.stdout
+    assert f"{torch_record['speedup']:.1f}x" in proc.stdout
+
+
+def test_train_step_check_rejects_a_wrong_gradient():
+    torch = pytest.importorskip("torch")
+    from linmaps_bench.cases import train_step
+
+    case = train_step.TrainStepCase((6, 4, 5, 3))
+    dtype = np.dtype(np.float32)
+    oracle = lb.Oracle(case.bilinear_case, lb.make_inputs(case.bilinear_case, dtype), dtype)
+    with torch.enable_grad():
+        step = train_step.TrainStep(case, dtype, 0)
+        first = {name: (0.0, step.first_step(name)) for name in train_step.VARIANTS}
+    assert all(check.ok for check in train_step.check_first_steps(oracle, first).values())
+    first["linmaps.torch"][1][3] *= np.float32(1.01)  # grad_weight 1% off
+    checks = train_step.check_first_steps(oracle, first)
+    assert checks["torch.nn"].ok and not checks["linmaps.torch"].ok
+    assert "grad_weight" in checks["linmaps.torch"].message
 
 
 def test_cpu_level_backends():

@@ -6,7 +6,8 @@ and tested. One module per responsibility:
 ==============  =============================================================================
 ``settings``    what a run measures and how hard (:class:`Settings`, the ``--quick`` preset)
 ``cases``       the :class:`CaseKind` interface, the registry of kinds, ``--cases`` selection;
-                one module per kind: ``cases/ops.py`` (linear, bilinear), ``cases/mixed.py``
+                one module per kind: ``cases/ops.py`` (linear, bilinear), ``cases/mixed.py``,
+                ``cases/train_step.py`` (torch.nn vs linmaps.torch)
 ``backends``    the :class:`Backend` interface and the registry (``cpp``, ``python``, ``torch``)
 ``oracle``      the float64 oracle and the rounding tolerance every result is checked against
 ``timing``      calibrated samples of one call, their statistics, the reference GEMM

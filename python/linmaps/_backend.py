@@ -132,7 +132,7 @@ def set_num_threads(n: int) -> None:
 
     The NumPy backend's speed is governed by NumPy's BLAS pool instead (use threadpoolctl).
     """
-    global _python_threads
+    global _python_threads, _user_threads
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads(): n must be an int, got {type(n).__name__}")
     if n < 1:
@@ -141,6 +141,22 @@ def set_num_threads(n: int) -> None:
     if _cpp_backend is not None:
         _cpp_backend.set_num_threads(n)
     _python_threads = n
+    _user_threads = True
+
+
+# Whether set_num_threads was called: then linmaps.torch leaves the count alone.
+_user_threads = False
+_followed = 0
+
+
+def follow_num_threads(n: int) -> None:
+    """Use ``n`` threads (linmaps.torch passes ``torch.get_num_threads()`` at every call),
+    unless the user chose linmaps' own count with :func:`set_num_threads`."""
+    global _followed
+    if _user_threads or n == _followed or _cpp_backend is None:
+        return
+    _cpp_backend.set_num_threads(max(1, min(int(n), thread_cap())))
+    _followed = n
 
 
 def share_blas_threads(enable: bool = True) -> None:

@@ -12,17 +12,36 @@ from . import _backend, _threads
 
 
 def _openmp_runtime() -> str:
-    """Path of the OpenMP runtime library loaded in this process (bundled or system)."""
+    """Path of the OpenMP runtime library loaded in this process (bundled or system); all of
+    them when there are several (linmaps' wheel and torch's each bring a libgomp)."""
+    paths = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 path = line.split()[-1]
                 name = os.path.basename(path)
-                if name.startswith(("libgomp", "libomp", "libiomp")):
-                    return path
+                if name.startswith(("libgomp", "libomp", "libiomp")) and path not in paths:
+                    paths.append(path)
     except OSError:
         pass
-    return "runtime not identified"
+    if not paths:
+        return "runtime not identified"
+    if len(paths) == 1:
+        return paths[0]
+    return f"{len(paths)} runtimes loaded: {', '.join(paths)}"
+
+
+def _torch_version(version, not_found) -> dict:
+    """``{"torch": version}`` when PyTorch is installed (for ``linmaps.torch``), else ``{}``.
+
+    Read from the package metadata, so that show_config() does not import torch (seconds).
+    """
+    if "torch" in sys.modules:
+        return {"torch": str(sys.modules["torch"].__version__)}
+    try:
+        return {"torch": version("torch")}
+    except not_found:
+        return {}
 
 
 def config() -> dict:
@@ -36,6 +55,7 @@ def config() -> dict:
     info = {
         "linmaps": linmaps_version,
         "numpy": np.__version__,
+        **_torch_version(version, PackageNotFoundError),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -58,6 +78,11 @@ def config() -> dict:
                 "simd": core.simd,
                 "openmp": f"{core.openmp} ({_openmp_runtime()})",
                 "openmp_wait": _threads.wait_policy,
+                **(
+                    {}
+                    if _threads.torch_wait_policy is None
+                    else {"torch_openmp_wait": _threads.torch_wait_policy}
+                ),
                 "thread_cap": int(core.thread_cap()),
                 "blas_threads": _threads.describe(),
             }
@@ -66,8 +91,8 @@ def config() -> dict:
 
 
 def show_config() -> None:
-    """Print versions (linmaps, NumPy, Eigen), compiler and flags, the instruction set selected
-    and those available, OpenMP runtime and its spin setting, thread count and cap, whose
-    threads NumPy's BLAS runs on, and the backend."""
+    """Print versions (linmaps, NumPy, PyTorch if installed, Eigen), compiler and flags, the
+    instruction set selected and those available, OpenMP runtime and its spin setting, thread
+    count and cap, whose threads NumPy's BLAS runs on, and the backend."""
     for key, value in config().items():
         print(f"{key:>20}: {value}")

@@ -51,6 +51,33 @@ def _mapped_libraries() -> list:
 
 
 @contextlib.contextmanager
+def short_spin_while_importing_torch():
+    """Import torch (from linmaps.torch) with linmaps' short spin for torch's own libgomp.
+
+    A linmaps wheel bundles its libgomp under another name (``libgomp-<hash>.so.1``) than
+    torch's wheel (``libgomp.so.1``): when linmaps loads first, a torch imported afterwards
+    starts a second OpenMP pool whose idle threads would spin libgomp's default 10 ms after
+    every PyTorch op, on the cores linmaps' threads then need (docs/torch.md, "Threads").
+    Only when torch is not loaded yet, and never over the user's own setting.
+    """
+    global torch_wait_policy
+    if any(name in os.environ for name in _WAIT_VARIABLES):
+        torch_wait_policy = "the user's"
+        yield
+        return
+    os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+    try:
+        yield
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+    torch_wait_policy = f"GOMP_SPINCOUNT={SPINCOUNT} (set by linmaps.torch when importing torch)"
+
+
+# What linmaps.torch found or did for torch's libgomp (show_config); None: not imported.
+torch_wait_policy = None
+
+
+@contextlib.contextmanager
 def short_spin_while_loading():
     """Set GOMP_SPINCOUNT while the compiled module (and its libgomp) load, then restore it."""
     global wait_policy
@@ -66,7 +93,16 @@ def short_spin_while_loading():
     finally:
         del os.environ["GOMP_SPINCOUNT"]
     loaded = _loaded_openmp_runtimes() - before
-    if loaded:
+    if loaded and before:
+        # A libgomp of another name was loaded first (torch's, say). If that library made it
+        # global, the dynamic linker binds linmaps' OpenMP calls to it, with its own spin
+        # (docs/torch.md, "Threads").
+        names = ", ".join(sorted(os.path.basename(p) for p in before))
+        wait_policy = (
+            f"GOMP_SPINCOUNT={SPINCOUNT} for linmaps' libgomp; but {names} was loaded first and "
+            "may serve linmaps' OpenMP calls with its own setting"
+        )
+    elif loaded:
         wait_policy = f"GOMP_SPINCOUNT={SPINCOUNT} (set by linmaps when loading its libgomp)"
     else:
         # The libgomp linmaps links was already loaded (by another library), with its own

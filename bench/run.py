@@ -1,9 +1,10 @@
 """Benchmark linmaps' backends (and PyTorch when installed): ``python bench/run.py [--quick]``.
 
-Prints a table per case and a summary on stdout (progress on stderr), writes every figure to
-a JSON file and a throughput chart to a PNG. See docs/benchmarks.md for what is measured and
-what each column means. Exit status: 0 when every result was right, 1 when some backend gave a
-wrong result or failed (reported as ERROR), 2 for bad arguments.
+Prints each case's table on stdout as soon as the case is done, then a summary (progress on
+stderr); writes every figure to a JSON file and a chart to a PNG. See docs/benchmarks.md for
+what is measured and what each column means. Exit status: 0 when every result was right, 1
+when some backend gave a wrong result or failed (reported as ERROR), 2 for bad arguments, 3
+with --strict-quiet when the machine was not quiet (the report's WARNING lines say why).
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the peak-memory measurement (one subprocess per backend)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--strict-quiet",
+        action="store_true",
+        help="exit with status 3 when the machine was not quiet: the reference GEMM changed "
+        "by more than 10%% between start and end, or the load average at the start exceeded "
+        "what the run explains (the report prints a WARNING line either way)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--list-cases", action="store_true", help="list the cases and exit")
     parser.add_argument(
@@ -188,11 +196,27 @@ def main(argv=None) -> int:
         seed=args.seed,
     )
     command = " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    introduced = set()  # case kinds whose reading guide was printed
+
+    def print_header(head):
+        print(report.format_header(head) + "\n", flush=True)
+
+    def print_case(case_kind, record, partial):
+        text = case_kind.format([record], partial, intro=case_kind.section not in introduced)
+        introduced.add(case_kind.section)
+        print(text + "\n", flush=True)
+
     result = linmaps_bench.run_suite(
-        cases, backends, settings, progress=not args.no_progress, command=command
+        cases,
+        backends,
+        settings,
+        progress=not args.no_progress,
+        command=command,
+        on_start=print_header,
+        on_case=print_case,
     )
 
-    print(report.format_report(result))
+    print(report.format_end(result))
     print()
     if not args.no_json:
         print(f"JSON record written to {linmaps_bench.write_json(result, args.json)}")
@@ -210,6 +234,9 @@ def main(argv=None) -> int:
             "some results were WRONG or failed (ERROR rows above); exit status 1", file=sys.stderr
         )
         return 1
+    if args.strict_quiet and not result["quiet"]["quiet"]:
+        print("the machine was not quiet (WARNING lines above); exit status 3", file=sys.stderr)
+        return 3
     return 0
 
 

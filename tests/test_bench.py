@@ -471,3 +471,109 @@ def test_cli_quick_dask_case(tmp_path):
         assert record["ratio"][op] == pytest.approx(rates["cluster"][op] / rates["memory"][op])
         assert f"{record['ratio'][op]:.2f}" in proc.stdout
     assert "dask cluster / in memory (target >= 0.8)" in proc.stdout
+
+
+def test_tables_are_printed_as_each_case_finishes():
+    # stdout and stderr into one pipe: the progress line announcing the second case (stderr)
+    # must come after the first case's table (stdout), and the summary after the end's GEMM.
+    env = dict(os.environ)
+    linmaps_root = os.path.dirname(os.path.dirname(linmaps.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([linmaps_root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCH, "run.py"),
+            "--quick",
+            "--no-json",
+            "--no-plot",
+            "--no-memory",
+            "--backends",
+            "python",
+            "--cases",
+            TINY_CASES,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stdout.splitlines()
+
+    def first(predicate):
+        return next(i for i, line in enumerate(lines) if predicate(line))
+
+    bilinear_table = first(lambda line: line.startswith("bilinear-3x4x5x2  (N=3"))
+    linear_announced = first(lambda line: line.endswith("linear-3x4x2: inputs and oracle"))
+    linear_table = first(lambda line: line.startswith("linear-3x4x2  (N=3"))
+    gemm_end = first(lambda line: line.endswith("reference GEMM (end)"))
+    summary = first(lambda line: line.startswith("summary: "))
+    assert bilinear_table < linear_announced < linear_table < gemm_end < summary
+
+
+def test_quiet_check_from_readings():
+    from linmaps_bench.machine import BACKGROUND_LOAD, own_load, quiet_check
+
+    steady = quiet_check(200.0, 190.0, [0.1, 0.2, 0.3], own_load(5.0))
+    assert steady["quiet"] and steady["warnings"] == []
+    assert steady["gemm_change"] == pytest.approx(-0.05)
+
+    # A reference GEMM 20% slower at the end: something took the cores during the run.
+    noisy = quiet_check(200.0, 160.0, [0.1, 0.2, 0.3], own_load(5.0))
+    assert not noisy["quiet"]
+    (warning,) = noisy["warnings"]
+    assert "reference GEMM went from 200.0 to 160.0 GFLOP/s (-20%" in warning
+    assert not quiet_check(160.0, 200.0, None, 1.0)["quiet"]  # +25%: not steady either
+
+    # Busy before the start: a load of 2.5, where the run's own process explains ~0.1.
+    assert own_load(0.0) == 0.0 and own_load(None) == 1.0
+    assert own_load(6.0) == pytest.approx(1 - math.exp(-0.1))
+    busy = quiet_check(200.0, 200.0, [2.5, 1.0, 0.5], own_load(6.0))
+    (warning,) = busy["warnings"]
+    assert "load average was 2.50 at the start" in warning
+    assert busy["load_explained"] == pytest.approx(own_load(6.0) + BACKGROUND_LOAD)
+    # A long-running caller (own load up to 1) with load 1.2 is within what the run explains.
+    assert quiet_check(200.0, 200.0, [1.2, 1.0, 0.5], own_load(600.0))["quiet"]
+    both = quiet_check(200.0, 150.0, [3.0, 3.0, 3.0], 0.0)
+    assert len(both["warnings"]) == 2
+
+
+def _run_main_with_fake_machine(monkeypatch, gemm_end_factor, *args):
+    """``bench/run.py``'s main() in this process, its reference GEMM and load average faked:
+    the start's samples 10 ms each, the end's ``gemm_end_factor`` times as long; no load."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(BENCH, "run.py"))
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    calls = []
+
+    def fake_gemm(dtype, repeats, size):
+        calls.append(size)
+        return [0.01 * (gemm_end_factor if len(calls) > 1 else 1.0)] * repeats
+
+    monkeypatch.setattr(lb.suite, "measure_gemm", fake_gemm)
+    monkeypatch.setattr(lb.suite, "load_average", lambda: [0.0, 0.0, 0.0])
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))  # main() sets them; put them back
+    common = ["--quick", "--no-progress", "--no-json", "--no-plot", "--no-memory"]
+    status = run.main([*common, "--backends", "python", "--cases", "linear:3x4x2", *args])
+    assert len(calls) == 2  # start and end
+    return status
+
+
+def test_noisy_reference_warns_and_strict_quiet_exits_3(monkeypatch, capsys):
+    # End samples 1.25x as long: the rate fell 20% during the run.
+    assert _run_main_with_fake_machine(monkeypatch, 1.25) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the machine was not quiet: the reference GEMM went from" in out
+    assert "(-20%" in out
+    assert _run_main_with_fake_machine(monkeypatch, 1.25, "--strict-quiet") == 3
+    captured = capsys.readouterr()
+    assert "WARNING: the machine was not quiet" in captured.out
+    assert "exit status 3" in captured.err
+    # A steady reference: no warning, and --strict-quiet exits 0.
+    assert _run_main_with_fake_machine(monkeypatch, 1.02, "--strict-quiet") == 0
+    assert "WARNING" not in capsys.readouterr().out

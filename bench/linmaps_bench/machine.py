@@ -1,8 +1,9 @@
-"""The machine and the software under test: CPU, load, versions, for the record's header."""
+"""The machine and the software under test: CPU, load, versions; was the machine quiet?"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import re
@@ -92,3 +93,77 @@ def versions(backend_status: dict) -> dict:
 
         result["matplotlib"] = matplotlib.__version__
     return result
+
+
+# ----------------------------------------------------------------------------- quiet machine
+
+# The reference GEMM may move this much (relative) between the start and the end of a run.
+GEMM_CHANGE_LIMIT = 0.10
+# Load the machine may carry besides the run's own process (daemons, a shell, the terminal).
+BACKGROUND_LOAD = 0.5
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # Field 22 (starttime, in clock ticks since boot) follows the command name in
+            # parentheses, which may itself hold spaces or parentheses.
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime_s = float(f.read().split()[0])
+        return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def own_load(age_s: float | None) -> float:
+    """What this process alone adds to the 1-minute load average after ``age_s`` seconds of
+    running (one runnable task: the kernel's average moves towards 1 as ``1 - exp(-t/60)``);
+    1.0, the most it can add, when the age is unknown."""
+    if age_s is None:
+        return 1.0
+    return 1.0 - math.exp(-age_s / 60.0)
+
+
+def quiet_check(
+    gemm_start_gflops: float,
+    gemm_end_gflops: float | None,
+    load_start,
+    own_load_start: float,
+) -> dict:
+    """Was the machine quiet during a run? ``{"quiet", "warnings", "gemm_change", ...}``.
+
+    Two signs that it was not, each with its warning: the reference GEMM rate changed by more
+    than :data:`GEMM_CHANGE_LIMIT` between the start and the end (something else took the
+    cores during the run), or the 1-minute load average at the start (``load_start``, as
+    ``os.getloadavg()``) exceeded what the run explains: its own process
+    (``own_load_start``, see :func:`own_load`) plus :data:`BACKGROUND_LOAD`.
+    """
+    warnings = []
+    change = None
+    if gemm_end_gflops is not None and gemm_start_gflops > 0:
+        change = gemm_end_gflops / gemm_start_gflops - 1.0
+        if abs(change) > GEMM_CHANGE_LIMIT:
+            warnings.append(
+                f"the reference GEMM went from {gemm_start_gflops:.1f} to "
+                f"{gemm_end_gflops:.1f} GFLOP/s ({100 * change:+.0f}%, more than "
+                f"{100 * GEMM_CHANGE_LIMIT:.0f}%) between the start and the end: something "
+                "else used the CPUs during the run"
+            )
+    explained = own_load_start + BACKGROUND_LOAD
+    load = None if not load_start else float(load_start[0])
+    if load is not None and load > explained:
+        warnings.append(
+            f"the load average was {load:.2f} at the start, more than the {explained:.2f} "
+            f"this run explains ({own_load_start:.2f} for its own process + "
+            f"{BACKGROUND_LOAD} for background tasks): other processes were busy in the "
+            "minute before it"
+        )
+    return {
+        "quiet": not warnings,
+        "warnings": warnings,
+        "gemm_change": change,
+        "load_start": load,
+        "load_explained": explained,
+    }

@@ -59,9 +59,39 @@ def format_summary(result) -> str:
     return text if text.startswith("summary") else "summary: " + text
 
 
+def format_quiet(result) -> str:
+    """One ``WARNING`` line per sign that the machine was not quiet; empty when it was."""
+    quiet = result.get("quiet") or {"warnings": []}
+    return "\n".join(
+        f"WARNING: the machine was not quiet: {warning}; these timings may be off, rerun on "
+        "a quiet machine"
+        for warning in quiet["warnings"]
+    )
+
+
+def format_end(result) -> str:
+    """What the report prints once every case has run: the reference GEMM at the start and
+    the end, the summary, and the quiet-machine warnings."""
+    gemm = result["reference_gemm"]
+    parts = [
+        f"finished in {result['duration_s']:.0f} s; reference GEMM: {gemm['gflops']:.1f} "
+        f"GFLOP/s (start {gemm['gflops_start']:.1f}, end {gemm['gflops_end']:.1f}; the "
+        "JSON's rates use the median of all its samples)",
+        format_summary(result),
+    ]
+    warnings = format_quiet(result)
+    if warnings:
+        parts.append(warnings)
+    return "\n\n".join(parts)
+
+
 def format_report(result) -> str:
-    """The whole report at once: header, every case's table, summary."""
-    return "\n\n".join([format_header(result), *format_cases(result), format_summary(result)])
+    """The whole report at once: header, every case's table, summary, warnings."""
+    parts = [format_header(result), *format_cases(result), format_summary(result)]
+    warnings = format_quiet(result)
+    if warnings:
+        parts.append(warnings)
+    return "\n\n".join(parts)
 
 
 def plot(result, path) -> str:

@@ -12,7 +12,15 @@ import numpy as np
 
 from .backends import resolve_backends
 from .cases import case_kinds, kind_of
-from .machine import load_average, machine_info, usable_cpus, versions
+from .machine import (
+    load_average,
+    machine_info,
+    own_load,
+    process_age_s,
+    quiet_check,
+    usable_cpus,
+    versions,
+)
 from .memory import MEMORY_METHOD
 from .oracle import TOLERANCE_FACTOR
 from .settings import DTYPES, OPS, Settings
@@ -153,6 +161,7 @@ def run_suite(
     backends = resolve_backends(DEFAULT_BACKENDS if backends is None else backends)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
+    own_load_start = own_load(process_age_s())
     threads, restore_threads = apply_threads(settings.threads)  # for the oracle and the GEMM
 
     runners = Runners(backends, settings)
@@ -214,6 +223,8 @@ def run_suite(
         "threads": threads,
         "backends": runners.status,
         "reference_gemm": gemm,
+        # Was the machine quiet (the GEMM rate steady, no other load at the start)?
+        "quiet": quiet_check(gemm["gflops_start"], gemm["gflops_end"], load_start, own_load_start),
         **records,
     }
 

@@ -31,9 +31,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to the help of options that have a default value, not to those
+    whose help already says what happens without them (default None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults
     )
     parser.add_argument("--steps", type=positive_int, default=300, help="SGD steps")
     parser.add_argument("--batch", type=positive_int, default=128, help="samples per step")
@@ -53,13 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", type=positive_int, default=4, help="out_features of the Linear head"
     )
     parser.add_argument("--lr", type=float, default=0.2, help="SGD learning rate")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="floating-point type of the weights, the data and every computation",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument(
         "--backend",
         choices=["cpp", "python"],
         default=None,
-        help="linmaps backend (default: the active one)",
+        help="linmaps backend (default: the active one, linmaps.get_backend())",
     )
     parser.add_argument(
         "--print-every", type=positive_int, default=25, help="steps between reports"

@@ -95,8 +95,8 @@ def format_report(result) -> str:
 
 
 def plot(result, path) -> str:
-    """Write the PNG chart: each kind's panels (see ``CaseKind.chart_panels``), one above the
-    other, under a title and one legend of the backends' colours.
+    """Write the PNG chart: a title, one line of the backends' colours, then each kind's
+    panels (``CaseKind.chart_panels``) one above the other.
 
     Returns the path; raises ImportError if matplotlib is missing (the caller reports it).
     """
@@ -114,35 +114,49 @@ def plot(result, path) -> str:
         n_cases = max(n_cases, len(records))
     names = available_backends(result)
     missing = [n for n in backend_names(result) if n not in names]
-    heights = [height for height, _ in panels] or [1.0]
-    fig_height = sum(heights) + 0.9  # 0.9 inch on top for the title and the legend
-    fig = plt.figure(figsize=(max(8, 1.1 * n_cases + 3), fig_height))
+    # A panel is (axes height, draw) or (axes height, draw, inches for what is under it).
+    heights = [0.25] + [panel[0] for panel in panels]
+    fig_height = sum(heights) + sum(panel[2] for panel in panels if len(panel) > 2) + 0.7
+    fig = plt.figure(figsize=(max(8.0, 0.95 * n_cases + 2.5), fig_height), layout="constrained")
     grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
-    for row, (_, draw) in enumerate(panels):
-        draw(fig.add_subplot(grid[row, 0]))
+    legend_ax = fig.add_subplot(grid[0, 0])
+    legend_ax.axis("off")
     handles = [Patch(color=backend_color(result, name)) for name in names]
     labels = list(names)
     if missing:
         labels.append(f"not run: {', '.join(missing)} (unavailable)")
         handles.append(plt.Line2D([], [], linestyle="none"))
-    fig.legend(
+    legend_ax.legend(
         handles,
         labels,
-        loc="upper center",
+        loc="center",
         ncol=len(labels),
         fontsize=8,
-        bbox_to_anchor=(0.5, 1 - 0.45 / fig_height),
         frameon=False,
+        borderaxespad=0,
+        handlelength=1.5,
     )
+    for row, panel in enumerate(panels, start=1):
+        panel[1](fig.add_subplot(grid[row, 0]))
     settings = result["settings"]
-    fig.suptitle(
-        f"linmaps: {settings['dtype']}, {settings['threads']} threads, "
-        f"{result['machine']['cpu_model']}, {result['started'][:10]}",
-        fontsize=10,
-        y=1 - 0.06 / fig_height,
-        va="top",
+    quick = ", --quick" if settings["quick"] else ""
+    title = (
+        f"linmaps benchmark: {settings['dtype']}, {settings['threads']} threads{quick}, "
+        f"{result['machine']['cpu_model']}, {result['started'][:10]}"
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig_height))
+    quiet = result.get("quiet")
+    if quiet and not quiet["quiet"]:
+        title += (
+            "\nWARNING: the machine was not quiet ("
+            + "; ".join(
+                "reference GEMM " + f"{100 * quiet['gemm_change']:+.0f}% from start to end"
+                if "GEMM" in warning
+                else f"load average {quiet['load_start']:.2f} at the start"
+                for warning in quiet["warnings"]
+            )
+            + "): these timings may be off"
+        )
+    fig.suptitle(title, fontsize=10, color="black" if not quiet or quiet["quiet"] else "darkred")
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -65,7 +65,9 @@ class CaseKind:
         return None
 
     def chart_panels(self, records: list, result: dict) -> list:
-        """The kind's chart panels: ``(height_inches, draw)`` pairs, ``draw(ax)``."""
+        """The kind's chart panels, top to bottom: ``(height, draw)`` or ``(height, draw,
+        below)``: ``draw(ax)`` fills a panel ``height`` inches high; ``below``, the inches its
+        tick labels need under it (rotated case names)."""
         return []
 
 

@@ -403,7 +403,7 @@ class MixedKind(CaseKind):
     def chart_panels(self, records, result):
         if not records:
             return []
-        return [(2.6, lambda ax: plot_mixed(ax, records, result))]
+        return [(2.2, lambda ax: plot_mixed(ax, records, result))]
 
 
 MIXED_GUIDE = (
@@ -498,7 +498,7 @@ def plot_mixed(ax, mixed, result) -> None:
     the rounds' ratios), 1.0 (mixing costs nothing) and the 0.9 target drawn."""
     names = [n for n, s in result["backends"].items() if s["available"]]
     runs = [n for n in names if any(c["results"][n]["status"] in ("ok", "error") for c in mixed)]
-    width = 0.8 / max(1, len(runs))
+    width = min(0.3, 0.8 / max(1, len(runs)))  # two cases need no wall of colour
     top = 1.4
     for b, name in enumerate(runs):
         xs, ratios, low, high = [], [], [], []

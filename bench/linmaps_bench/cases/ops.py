@@ -4,6 +4,7 @@ after the oracle's check; their defaults, inputs, flop counts, tables and chart 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -365,51 +366,188 @@ def format_summary(records, result) -> str:
 
 
 def chart_panels(records, result) -> list:
-    """One panel per operation: GFLOP/s per case and backend (log scale), the GEMM rate."""
+    """First, per operation, how many times faster the reference backend (``cpp``) is than
+    each other backend, per case (log2 axis, 1x line); then, per operation, GFLOP/s per case
+    and backend against the measured GEMM rate. Only the last panel of each group names the
+    cases (their x axes line up)."""
     if not records:
         return []
+    ops = result["settings"]["ops"]
     names = available_backends(result)
-    gemm, size = result["reference_gemm"]["gflops"], result["reference_gemm"]["size"]
-    width = 0.8 / max(1, len(names))
-
-    def draw(ax, op):
-        for b, name in enumerate(names):
-            xs, bar_heights, low, high = [], [], [], []
-            for c, case in enumerate(records):
-                record = case["results"][name][op]
-                x = c + (b - (len(names) - 1) / 2) * width
-                if record["status"] == "ok":
-                    xs.append(x)
-                    bar_heights.append(record["gflops"])
-                    slow, fast = record["gflops_iqr"]
-                    low.append(record["gflops"] - slow)
-                    high.append(fast - record["gflops"])
-                elif record["status"] == "error":
-                    error_mark(ax, x)
-            ax.bar(
-                xs,
-                bar_heights,
-                width,
-                yerr=[low, high],
-                capsize=2,
-                label=name,
-                color=backend_color(result, name),
+    ref = "cpp" if "cpp" in names else (names[0] if names else None)
+    others = [n for n in names if n != ref]
+    panels = []
+    if ref is not None and others:
+        for i, op in enumerate(ops):
+            panels.append(
+                (
+                    2.0,
+                    functools.partial(
+                        _draw_speedups,
+                        records=records,
+                        result=result,
+                        op=op,
+                        ref=ref,
+                        others=others,
+                        first=i == 0,
+                        last=i == len(ops) - 1,
+                    ),
+                    1.1 if i == len(ops) - 1 else 0.0,  # room for the case names
+                )
             )
-        ax.axhline(
-            gemm,
-            color="black",
-            linestyle="--",
-            linewidth=1,
-            label=f"roofline: numpy GEMM {size}x{size}, {gemm:.0f} GFLOP/s",
+    for i, op in enumerate(ops):
+        panels.append(
+            (
+                1.6,
+                functools.partial(
+                    _draw_gflops,
+                    records=records,
+                    result=result,
+                    op=op,
+                    names=names,
+                    first=i == 0,
+                    last=i == len(ops) - 1,
+                ),
+                1.1 if i == len(ops) - 1 else 0.0,  # room for the case names
+            )
         )
-        ax.set_yscale("log")
-        ax.set_ylabel("GFLOP/s")
-        ax.set_title(op, fontsize=10)
-        ax.grid(axis="y", which="both", alpha=0.3)
-        ax.set_xticks(range(len(records)))
-        ax.set_xticklabels([case["id"] for case in records], rotation=30, ha="right", fontsize=8)
+    return panels
 
-    return [(3.2, lambda ax, op=op: draw(ax, op)) for op in result["settings"]["ops"]]
+
+def _times(value: float) -> str:
+    """``41x``, ``2.3x``, ``0.78x``: the precision a reader of a bar wants."""
+    if value >= 9.95:
+        return f"{value:.0f}x"
+    return f"{value:.1f}x" if value >= 1 else f"{value:.2f}x"
+
+
+def _case_axis(ax, records, op, last) -> None:
+    ax.set_xlim(-0.5, len(records) - 0.5)
+    ax.set_xticks(range(len(records)))
+    if last:
+        ax.set_xticklabels([case["id"] for case in records], rotation=25, ha="right", fontsize=8)
+    else:
+        ax.set_xticklabels([])
+    # The operation's name on the right, outside the bars' way.
+    ax.text(
+        1.004,
+        0.5,
+        op,
+        transform=ax.transAxes,
+        rotation=270,
+        va="center",
+        ha="left",
+        fontsize=9,
+        weight="bold",
+    )
+
+
+def _draw_speedups(ax, records, result, op, ref, others, first, last) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    width = 0.8 / len(others)
+    low_end, high_end = 1.0, 1.0
+    for b, name in enumerate(others):
+        xs, ratios, whisker_low, whisker_high = [], [], [], []
+        for c, case in enumerate(records):
+            x = c + (b - (len(others) - 1) / 2) * width
+            base, other = case["results"][ref][op], case["results"][name][op]
+            if "error" in (base["status"], other["status"]):
+                error_mark(ax, x)
+                continue
+            if base["status"] != "ok" or other["status"] != "ok":
+                continue
+            ratio = other["median_s"] / base["median_s"]
+            # From the quartiles: the other's fast quartile over cpp's slow one, and back.
+            low, high = other["q1_s"] / base["q3_s"], other["q3_s"] / base["q1_s"]
+            xs.append(x)
+            ratios.append(ratio)
+            whisker_low.append(max(0.0, ratio - low))
+            whisker_high.append(max(0.0, high - ratio))
+            low_end, high_end = min(low_end, low, ratio), max(high_end, high, ratio)
+            ax.text(  # beyond the whisker's end
+                x,
+                high * 1.08 if ratio >= 1 else low / 1.08,
+                _times(ratio),
+                ha="center",
+                va="bottom" if ratio >= 1 else "top",
+                fontsize=6.5,
+            )
+        # Bars grow from the 1x line: up where the reference is faster, down where slower.
+        heights = [r - 1 for r in ratios]
+        ax.bar(xs, heights, width, bottom=1, color=backend_color(result, name))
+        ax.errorbar(
+            xs,
+            ratios,
+            yerr=[whisker_low, whisker_high],
+            fmt="none",
+            ecolor="black",
+            elinewidth=0.7,
+            capsize=1.5,
+        )
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(min(0.5, low_end / 1.5), max(2.0, high_end * 2.2))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_ylabel(f"{ref} is N times\nas fast as", fontsize=8)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    _case_axis(ax, records, op, last)
+    if first:
+        ax.set_title(
+            f"How many times faster is {ref} than each alternative? Their median time / "
+            f"{ref}'s, same run (log2 axis; above the 1x line {ref} is faster; whiskers "
+            "from the quartiles)",
+            fontsize=9,
+        )
+
+
+def _draw_gflops(ax, records, result, op, names, first, last) -> None:
+    gemm = result["reference_gemm"]
+    width = 0.8 / max(1, len(names))
+    for b, name in enumerate(names):
+        xs, bar_heights, low, high = [], [], [], []
+        for c, case in enumerate(records):
+            record = case["results"][name][op]
+            x = c + (b - (len(names) - 1) / 2) * width
+            if record["status"] == "ok":
+                xs.append(x)
+                bar_heights.append(record["gflops"])
+                slow, fast = record["gflops_iqr"]
+                low.append(record["gflops"] - slow)
+                high.append(fast - record["gflops"])
+            elif record["status"] == "error":
+                error_mark(ax, x)
+        ax.bar(
+            xs,
+            bar_heights,
+            width,
+            yerr=[low, high],
+            capsize=1.5,
+            error_kw={"elinewidth": 0.7},
+            color=backend_color(result, name),
+        )
+    ax.axhline(gemm["gflops"], color="black", linestyle="--", linewidth=1)
+    ax.text(
+        -0.45,
+        gemm["gflops"] * 1.08,
+        f"measured GEMM rate {gemm['gflops']:.0f} GFLOP/s",
+        ha="left",
+        va="bottom",
+        fontsize=7,
+    )
+    ax.set_yscale("log")
+    top = max([gemm["gflops"]] + [h for h in ax.get_ylim()[1:]])
+    ax.set_ylim(top=top * 3)
+    ax.set_ylabel("GFLOP/s", fontsize=8)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    _case_axis(ax, records, op, last)
+    if first:
+        ax.set_title(
+            f"GFLOP/s against the measured GEMM rate (dashed: numpy.matmul "
+            f"{gemm['size']}x{gemm['size']} {gemm['dtype']} in this run, with the same "
+            "threads; log axis; whiskers: quartiles)",
+            fontsize=9,
+        )
 
 
 register_kind(OpsKind())

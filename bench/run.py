@@ -91,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         default=None,
-        help="comma-separated (default: every builtin backend, cpp,python,torch,cpp-recompute,jax; "
-        "--list-backends shows them); unavailable ones are reported, not errors. cpp@LEVEL "
+        help="comma-separated (default: the backends registered as default in "
+        "bench/linmaps_bench/backends.py; --list-backends shows them); unavailable ones are "
+        "reported, not errors. cpp@LEVEL "
         "forces the compiled backend's instruction set (LINMAPS_CPU=LEVEL: baseline, avx2, "
         "avx512, or native in a LINMAPS_NATIVE=ON build); NAME/THREADS runs "
         "NAME with that many threads (cpp/1 next to cpp: the thread scaling in one run)",

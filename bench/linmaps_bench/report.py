@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .cases import case_kinds
-from .tables import available_backends, backend_color, backend_names
+from .tables import available_backends, backend_color, backend_names, wrap_to_figure
 
 
 def format_header(result) -> str:
@@ -156,6 +156,7 @@ def plot(result, path) -> str:
             )
             + "): these timings may be off"
         )
+    title = "\n".join(wrap_to_figure(fig, line, 10) for line in title.split("\n"))
     fig.suptitle(title, fontsize=10, color="black" if not quiet or quiet["quiet"] else "darkred")
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)

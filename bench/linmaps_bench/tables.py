@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 
 def format_seconds(seconds) -> str:
     """Three significant digits in the unit that fits: ``12.3 us``, ``1.23 ms``, ``2.05 s``."""
@@ -71,3 +73,10 @@ def error_mark(ax, x) -> None:
         transform=ax.get_xaxis_transform(),
         fontsize=7,
     )
+
+
+def wrap_to_figure(fig, text: str, fontsize: float) -> str:
+    """``text`` broken into lines that fit the width of ``fig`` at ``fontsize`` points
+    (about 0.6 em per character: DejaVu Sans, with a margin)."""
+    chars = int(fig.get_figwidth() * 72 / (0.6 * fontsize))
+    return "\n".join(textwrap.wrap(text, width=max(20, chars)))

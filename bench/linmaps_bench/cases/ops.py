@@ -22,6 +22,7 @@ from ..tables import (
     format_ratio,
     format_seconds,
     render_table,
+    wrap_to_figure,
 )
 from . import CaseKind, register_kind, seeded_rng
 
@@ -493,12 +494,12 @@ def _draw_speedups(ax, records, result, op, ref, others, first, last) -> None:
     ax.grid(axis="y", which="major", alpha=0.3)
     _case_axis(ax, records, op, last)
     if first:
-        ax.set_title(
+        title = (
             f"How many times faster is {ref} than each alternative? Their median time / "
             f"{ref}'s, same run (log2 axis; above the 1x line {ref} is faster; whiskers "
-            "from the quartiles)",
-            fontsize=9,
+            "from the quartiles)"
         )
+        ax.set_title(wrap_to_figure(ax.figure, title, 9), fontsize=9)
 
 
 def _draw_gflops(ax, records, result, op, names, first, last) -> None:
@@ -542,12 +543,12 @@ def _draw_gflops(ax, records, result, op, names, first, last) -> None:
     ax.grid(axis="y", which="major", alpha=0.3)
     _case_axis(ax, records, op, last)
     if first:
-        ax.set_title(
+        title = (
             f"GFLOP/s against the measured GEMM rate (dashed: numpy.matmul "
             f"{gemm['size']}x{gemm['size']} {gemm['dtype']} in this run, with the same "
-            "threads; log axis; whiskers: quartiles)",
-            fontsize=9,
+            "threads; log axis; whiskers: quartiles)"
         )
+        ax.set_title(wrap_to_figure(ax.figure, title, 9), fontsize=9)
 
 
 register_kind(OpsKind())

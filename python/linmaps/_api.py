@@ -484,6 +484,12 @@ def bilinear_backward(
     # (with a context's arrays and kept T if it was made by the compiled backend).
     fast = _backend.fast_core
     if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+        if context is None:
+            grads = fast.bilinear_backward_fast(
+                grad_out, x1, x2, weight, bias, need_x1, need_x2, need_weight
+            )
+            if grads is not None:
+                return _tuple_new(BilinearGrads, grads)
         arrays, kept = (x1, x2, weight), None
         if context is not None:
             if (
@@ -496,7 +502,7 @@ def bilinear_backward(
                 kept = False  # the validated path says what is wrong, or converts
             else:
                 arrays, kept = context._arrays, context._kept
-        if kept is not False:
+        if context is not None and kept is not False:
             grads = fast.bilinear_backward_fast(
                 grad_out, *arrays, bias, need_x1, need_x2, need_weight, kept
             )

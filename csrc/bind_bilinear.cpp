@@ -85,29 +85,66 @@ py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const A
                         grad_bias.result());
 }
 
+// The fast paths' checks (never raising): the arrays, if x1, x2 and weight (and grad unless it
+// is None) are exact arrays of T (binding::exact_array) with fitting shapes and bias is None or
+// fits; else nullopt, and the caller returns None so that the Python front validates.
+template <class T>
+struct ExactArgs {
+  Array<T> x1, x2, weight;
+  std::optional<Array<T>> bias, grad;
+  BilinearShape shape() const { return {x1.shape(0), x1.shape(1), x2.shape(1), weight.shape(0)}; }
+};
+
+template <class T>
+std::optional<ExactArgs<T>> exact_args(py::handle x1, py::handle x2, py::handle weight,
+                                       py::handle bias, py::handle grad) {
+  using binding::exact_array;
+  if (!exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) || !exact_array<T>(weight, 3)) {
+    return std::nullopt;
+  }
+  ExactArgs<T> args{py::reinterpret_borrow<Array<T>>(x1), py::reinterpret_borrow<Array<T>>(x2),
+                    py::reinterpret_borrow<Array<T>>(weight), std::nullopt, std::nullopt};
+  const auto &a1 = args.x1, &a2 = args.x2, &w = args.weight;
+  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1)) {
+    return std::nullopt;
+  }
+  if (!bias.is_none()) {
+    if (!exact_array<T>(bias, 1)) return std::nullopt;
+    args.bias = py::reinterpret_borrow<Array<T>>(bias);
+    if (args.bias->shape(0) != w.shape(0)) return std::nullopt;
+  }
+  if (!grad.is_none()) {
+    if (!exact_array<T>(grad, 2)) return std::nullopt;
+    args.grad = py::reinterpret_borrow<Array<T>>(grad);
+    if (args.grad->shape(0) != a1.shape(0) || args.grad->shape(1) != w.shape(0)) {
+      return std::nullopt;
+    }
+  }
+  return args;
+}
+
+// A kept-T buffer argument: true with `out` set if `kept` is None or an exact 1-D array of T
+// large enough for `shape`, else false.
+template <class T>
+bool exact_kept(py::handle kept, const BilinearShape& shape, std::optional<Array<T>>& out) {
+  if (kept.is_none()) return true;
+  if (!binding::exact_array<T>(kept, 1) ||
+      py::reinterpret_borrow<py::array>(kept).shape(0) < bilinear_kept_elements<T>(shape)) {
+    return false;
+  }
+  out = py::reinterpret_borrow<Array<T>>(kept);
+  return true;
+}
+
 // The front end's fast path: the result if every argument is already exactly what the
 // validated path would pass on (so the same kernel runs on the same arrays), else None; never
 // raises for bad arguments, so that the Python front reports errors as it always does.
 template <class T>
 py::object bilinear_forward_fast_t(py::handle x1, py::handle x2, py::handle weight,
                                    py::handle bias) {
-  using binding::exact_array;
-  if (!exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) || !exact_array<T>(weight, 3)) {
-    return py::none();
-  }
-  const auto a1 = py::reinterpret_borrow<Array<T>>(x1);
-  const auto a2 = py::reinterpret_borrow<Array<T>>(x2);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1)) {
-    return py::none();
-  }
-  std::optional<Array<T>> b;
-  if (!bias.is_none()) {
-    if (!exact_array<T>(bias, 1)) return py::none();
-    b = py::reinterpret_borrow<Array<T>>(bias);
-    if (b->shape(0) != w.shape(0)) return py::none();
-  }
-  return bilinear_forward_py<T>(a1, a2, w, b, std::nullopt);
+  const auto args = exact_args<T>(x1, x2, weight, bias, py::none());
+  if (!args) return py::none();
+  return bilinear_forward_py<T>(args->x1, args->x2, args->weight, args->bias, std::nullopt);
 }
 
 py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight, py::handle bias) {
@@ -124,29 +161,11 @@ py::object bilinear_forward_fast(py::handle x1, py::handle x2, py::handle weight
 template <class T>
 py::object bilinear_backward_fast_t(py::handle grad, py::handle x1, py::handle x2,
                                     py::handle weight, py::handle kept, const bool (&needs)[4]) {
-  using binding::exact_array;
-  if (!exact_array<T>(grad, 2) || !exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) ||
-      !exact_array<T>(weight, 3)) {
-    return py::none();
-  }
-  const auto g = py::reinterpret_borrow<Array<T>>(grad);
-  const auto a1 = py::reinterpret_borrow<Array<T>>(x1);
-  const auto a2 = py::reinterpret_borrow<Array<T>>(x2);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1) ||
-      g.shape(0) != a1.shape(0) || g.shape(1) != w.shape(0)) {
-    return py::none();
-  }
+  const auto args = exact_args<T>(x1, x2, weight, py::none(), grad);
   std::optional<Array<T>> t;
-  if (!kept.is_none()) {
-    const BilinearShape shape{a1.shape(0), a1.shape(1), a2.shape(1), w.shape(0)};
-    if (!exact_array<T>(kept, 1) ||
-        py::reinterpret_borrow<py::array>(kept).shape(0) < bilinear_kept_elements<T>(shape)) {
-      return py::none();
-    }
-    t = py::reinterpret_borrow<Array<T>>(kept);
-  }
-  return bilinear_backward_py<T>(g, a1, a2, w, t, needs[0], needs[1], needs[2], needs[3]);
+  if (!args || !exact_kept<T>(kept, args->shape(), t)) return py::none();
+  return bilinear_backward_py<T>(*args->grad, args->x1, args->x2, args->weight, t, needs[0],
+                                 needs[1], needs[2], needs[3]);
 }
 
 py::object bilinear_backward_fast(py::handle grad, py::handle x1, py::handle x2, py::handle weight,
@@ -170,38 +189,20 @@ template <class T>
 py::object bilinear_layer_forward_t(py::handle x1, py::handle x2, py::handle weight,
                                     py::handle bias, py::handle kept, Index keep_bytes,
                                     bool copy_inputs) {
-  using binding::exact_array;
-  if (!exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) || !exact_array<T>(weight, 3)) {
-    return py::none();
-  }
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  Array<T> a1 = py::reinterpret_borrow<Array<T>>(x1);
-  Array<T> a2 = py::reinterpret_borrow<Array<T>>(x2);
-  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1)) {
-    return py::none();
-  }
-  std::optional<Array<T>> b;
-  if (!bias.is_none()) {
-    if (!exact_array<T>(bias, 1)) return py::none();
-    b = py::reinterpret_borrow<Array<T>>(bias);
-    if (b->shape(0) != w.shape(0)) return py::none();
-  }
-  const BilinearShape shape{a1.shape(0), a1.shape(1), a2.shape(1), w.shape(0)};
+  auto args = exact_args<T>(x1, x2, weight, bias, py::none());
+  if (!args) return py::none();
+  const BilinearShape shape = args->shape();
   std::optional<Array<T>> t;
   const Index elements = bilinear_kept_elements<T>(shape);
   if (elements <= keep_bytes / Index(sizeof(T))) {
-    if (exact_array<T>(kept, 1) && py::reinterpret_borrow<py::array>(kept).shape(0) >= elements) {
-      t = py::reinterpret_borrow<Array<T>>(kept);
-    } else {
-      t = new_array<T>({elements});
-    }
+    if (kept.is_none() || !exact_kept<T>(kept, shape, t)) t = new_array<T>({elements});
   }
   if (copy_inputs) {
-    a1 = binding::copy_of(a1);
-    a2 = binding::copy_of(a2);
+    args->x1 = binding::copy_of(args->x1);
+    args->x2 = binding::copy_of(args->x2);
   }
-  Array<T> z = bilinear_forward_py<T>(a1, a2, w, b, t);
-  return py::make_tuple(z, a1, a2, t ? py::object(*t) : py::object(py::none()));
+  Array<T> z = bilinear_forward_py<T>(args->x1, args->x2, args->weight, args->bias, t);
+  return py::make_tuple(z, args->x1, args->x2, t ? py::object(*t) : py::object(py::none()));
 }
 
 py::object bilinear_layer_forward(py::handle x1, py::handle x2, py::handle weight, py::handle bias,
@@ -216,42 +217,21 @@ py::object bilinear_layer_forward(py::handle x1, py::handle x2, py::handle weigh
 }
 
 // The Bilinear layer's backward fast path: for exact arguments, adds the parameter gradients to
-// the accumulators (None: not wanted) and returns (grad_x1, grad_x2); else None.
+// the accumulators (None: not wanted) and returns (grad_x1, grad_x2); else None. acc_bias
+// goes through exact_args' bias check (an exact array of length out).
 template <class T>
 py::object bilinear_layer_backward_t(py::handle grad, py::handle x1, py::handle x2,
                                      py::handle weight, py::handle kept, const bool (&needs)[2],
                                      py::handle acc_weight, py::handle acc_bias) {
-  using binding::exact_array;
-  if (!exact_array<T>(grad, 2) || !exact_array<T>(x1, 2) || !exact_array<T>(x2, 2) ||
-      !exact_array<T>(weight, 3)) {
-    return py::none();
-  }
-  const auto g = py::reinterpret_borrow<Array<T>>(grad);
-  const auto a1 = py::reinterpret_borrow<Array<T>>(x1);
-  const auto a2 = py::reinterpret_borrow<Array<T>>(x2);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (a1.shape(0) != a2.shape(0) || w.shape(1) != a1.shape(1) || w.shape(2) != a2.shape(1) ||
-      g.shape(0) != a1.shape(0) || g.shape(1) != w.shape(0)) {
-    return py::none();
-  }
-  const BilinearShape shape{a1.shape(0), a1.shape(1), a2.shape(1), w.shape(0)};
+  const auto args = exact_args<T>(x1, x2, weight, acc_bias, grad);
   std::optional<Array<T>> t;
-  if (!kept.is_none()) {
-    if (!exact_array<T>(kept, 1) ||
-        py::reinterpret_borrow<py::array>(kept).shape(0) < bilinear_kept_elements<T>(shape)) {
-      return py::none();
-    }
-    t = py::reinterpret_borrow<Array<T>>(kept);
+  if (!args || !exact_kept<T>(kept, args->shape(), t) ||
+      !binding::accumulator_fits<T>(acc_weight, args->weight)) {
+    return py::none();
   }
-  if (!binding::accumulator_fits<T>(acc_weight, w)) return py::none();
-  if (!acc_bias.is_none()) {
-    if (!exact_array<T>(acc_bias, 1) ||
-        py::reinterpret_borrow<py::array>(acc_bias).shape(0) != shape.out) {
-      return py::none();
-    }
-  }
-  py::tuple grads = bilinear_backward_py<T>(g, a1, a2, w, t, needs[0], needs[1],
-                                            !acc_weight.is_none(), !acc_bias.is_none());
+  py::tuple grads =
+      bilinear_backward_py<T>(*args->grad, args->x1, args->x2, args->weight, t, needs[0], needs[1],
+                              !acc_weight.is_none(), !acc_bias.is_none());
   binding::accumulate<T>(acc_weight, grads[2]);
   binding::accumulate<T>(acc_bias, grads[3]);
   return py::make_tuple(grads[0], grads[1]);

@@ -59,22 +59,46 @@ py::tuple linear_backward_py(const Array<T>& grad, const Array<T>& x, const Arra
   return py::make_tuple(grad_x.result(), grad_weight.result(), grad_bias.result());
 }
 
+// The fast paths' checks (never raising), as exact_args in bind_bilinear.cpp: the arrays, if x
+// and weight (and grad unless it is None) are exact arrays of T with fitting shapes and bias is
+// None or fits; else nullopt, and the caller returns None so that the Python front validates.
+template <class T>
+struct ExactArgs {
+  Array<T> x, weight;
+  std::optional<Array<T>> bias, grad;
+};
+
+template <class T>
+std::optional<ExactArgs<T>> exact_args(py::handle x, py::handle weight, py::handle bias,
+                                       py::handle grad) {
+  using binding::exact_array;
+  if (!exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) return std::nullopt;
+  ExactArgs<T> args{py::reinterpret_borrow<Array<T>>(x), py::reinterpret_borrow<Array<T>>(weight),
+                    std::nullopt, std::nullopt};
+  const auto &a = args.x, &w = args.weight;
+  if (w.shape(1) != a.shape(1)) return std::nullopt;
+  if (!bias.is_none()) {
+    if (!exact_array<T>(bias, 1)) return std::nullopt;
+    args.bias = py::reinterpret_borrow<Array<T>>(bias);
+    if (args.bias->shape(0) != w.shape(0)) return std::nullopt;
+  }
+  if (!grad.is_none()) {
+    if (!exact_array<T>(grad, 2)) return std::nullopt;
+    args.grad = py::reinterpret_borrow<Array<T>>(grad);
+    if (args.grad->shape(0) != a.shape(0) || args.grad->shape(1) != w.shape(0)) {
+      return std::nullopt;
+    }
+  }
+  return args;
+}
+
 // The front end's fast path (see bilinear_forward_fast): the result if the arguments are
 // exactly what the validated path would pass on, else None; never raises for bad arguments.
 template <class T>
 py::object linear_forward_fast_t(py::handle x, py::handle weight, py::handle bias) {
-  using binding::exact_array;
-  if (!exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) return py::none();
-  const auto a = py::reinterpret_borrow<Array<T>>(x);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (w.shape(1) != a.shape(1)) return py::none();
-  std::optional<Array<T>> b;
-  if (!bias.is_none()) {
-    if (!exact_array<T>(bias, 1)) return py::none();
-    b = py::reinterpret_borrow<Array<T>>(bias);
-    if (b->shape(0) != w.shape(0)) return py::none();
-  }
-  return linear_forward_py<T>(a, w, b);
+  const auto args = exact_args<T>(x, weight, bias, py::none());
+  if (!args) return py::none();
+  return linear_forward_py<T>(args->x, args->weight, args->bias);
 }
 
 py::object linear_forward_fast(py::handle x, py::handle weight, py::handle bias) {
@@ -88,17 +112,9 @@ py::object linear_forward_fast(py::handle x, py::handle weight, py::handle bias)
 template <class T>
 py::object linear_backward_fast_t(py::handle grad, py::handle x, py::handle weight,
                                   const bool (&needs)[3]) {
-  using binding::exact_array;
-  if (!exact_array<T>(grad, 2) || !exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) {
-    return py::none();
-  }
-  const auto g = py::reinterpret_borrow<Array<T>>(grad);
-  const auto a = py::reinterpret_borrow<Array<T>>(x);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (w.shape(1) != a.shape(1) || g.shape(0) != a.shape(0) || g.shape(1) != w.shape(0)) {
-    return py::none();
-  }
-  return linear_backward_py<T>(g, a, w, needs[0], needs[1], needs[2]);
+  const auto args = exact_args<T>(x, weight, py::none(), grad);
+  if (!args) return py::none();
+  return linear_backward_py<T>(*args->grad, args->x, args->weight, needs[0], needs[1], needs[2]);
 }
 
 py::object linear_backward_fast(py::handle grad, py::handle x, py::handle weight, py::handle bias,
@@ -119,20 +135,11 @@ py::object linear_backward_fast(py::handle grad, py::handle x, py::handle weight
 template <class T>
 py::object linear_layer_forward_t(py::handle x, py::handle weight, py::handle bias,
                                   bool copy_inputs) {
-  using binding::exact_array;
-  if (!exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) return py::none();
-  Array<T> a = py::reinterpret_borrow<Array<T>>(x);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (w.shape(1) != a.shape(1)) return py::none();
-  std::optional<Array<T>> b;
-  if (!bias.is_none()) {
-    if (!exact_array<T>(bias, 1)) return py::none();
-    b = py::reinterpret_borrow<Array<T>>(bias);
-    if (b->shape(0) != w.shape(0)) return py::none();
-  }
-  if (copy_inputs) a = binding::copy_of(a);
-  Array<T> y = linear_forward_py<T>(a, w, b);
-  return py::make_tuple(y, a);
+  auto args = exact_args<T>(x, weight, bias, py::none());
+  if (!args) return py::none();
+  if (copy_inputs) args->x = binding::copy_of(args->x);
+  Array<T> y = linear_forward_py<T>(args->x, args->weight, args->bias);
+  return py::make_tuple(y, args->x);
 }
 
 py::object linear_layer_forward(py::handle x, py::handle weight, py::handle bias,
@@ -148,28 +155,14 @@ py::object linear_layer_forward(py::handle x, py::handle weight, py::handle bias
 
 // The Linear layer's backward fast path: for exact arguments, adds the parameter gradients to
 // the accumulators (None: not wanted) and returns the 1-tuple (grad_x or None,); else None.
+// acc_bias goes through exact_args' bias check (an exact array of length out).
 template <class T>
 py::object linear_layer_backward_t(py::handle grad, py::handle x, py::handle weight, bool need_x,
                                    py::handle acc_weight, py::handle acc_bias) {
-  using binding::exact_array;
-  if (!exact_array<T>(grad, 2) || !exact_array<T>(x, 2) || !exact_array<T>(weight, 2)) {
-    return py::none();
-  }
-  const auto g = py::reinterpret_borrow<Array<T>>(grad);
-  const auto a = py::reinterpret_borrow<Array<T>>(x);
-  const auto w = py::reinterpret_borrow<Array<T>>(weight);
-  if (w.shape(1) != a.shape(1) || g.shape(0) != a.shape(0) || g.shape(1) != w.shape(0)) {
-    return py::none();
-  }
-  if (!binding::accumulator_fits<T>(acc_weight, w)) return py::none();
-  if (!acc_bias.is_none()) {
-    if (!exact_array<T>(acc_bias, 1) ||
-        py::reinterpret_borrow<py::array>(acc_bias).shape(0) != w.shape(0)) {
-      return py::none();
-    }
-  }
-  py::tuple grads =
-      linear_backward_py<T>(g, a, w, need_x, !acc_weight.is_none(), !acc_bias.is_none());
+  const auto args = exact_args<T>(x, weight, acc_bias, grad);
+  if (!args || !binding::accumulator_fits<T>(acc_weight, args->weight)) return py::none();
+  py::tuple grads = linear_backward_py<T>(*args->grad, args->x, args->weight, need_x,
+                                          !acc_weight.is_none(), !acc_bias.is_none());
   binding::accumulate<T>(acc_weight, grads[1]);
   binding::accumulate<T>(acc_bias, grads[2]);
   return py::make_tuple(grads[0]);

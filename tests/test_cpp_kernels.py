@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import linmaps
 from linmaps import _cpp_backend as cb
 from linmaps._cpp_backend import _core
 
@@ -665,3 +666,24 @@ def test_large_batch_forward_backward_bounded_memory():
         scale_l = (np.abs(x1d) * np.abs(gd[:, l : l + 1])).T @ np.abs(x2d)
         assert_close(grads[2][l], ref_l, scale_l, n_batch, np.float32, f"grad_weight[{l}]")
     assert_close(grads[3], gd.sum(0), np.abs(gd).sum(0), n_batch, np.float32, "grad_bias")
+
+
+@pytest.mark.slow
+def test_above_the_budget_nothing_is_kept_and_memory_stays_bounded():
+    """(65536, 64, 64, 64) float32: T would take 1 GiB, above the default 256 MiB budget."""
+    n_batch, m, n, L = 65536, 64, 64, 64
+    x1, x2, w, _, g = make_bilinear(np.random.default_rng(6), n_batch, m, n, L, np.float32)
+    layer = linmaps.Bilinear(m, n, L, seed=0)
+    can_measure = reset_peak_rss()
+    before = rss_bytes("VmRSS")
+    z = layer(x1, x2)
+    grad_x1, grad_x2 = layer.backward(g)
+    assert layer.kept_bytes == 0
+    if can_measure:
+        # The layer's own copies of the inputs, the outputs and the accumulators are expected.
+        held = x1.nbytes + x2.nbytes + z.nbytes + grad_x1.nbytes + grad_x2.nbytes + w.nbytes
+        extra = rss_bytes("VmHWM") - before - held
+        assert extra <= 64 * 2**20, f"extra peak memory {extra / 2**20:.1f} MiB"
+    rows = [0, 12345, n_batch - 1]
+    expected = linmaps.bilinear(x1[rows], x2[rows], layer.weight, layer.bias)
+    np.testing.assert_allclose(z[rows], expected, rtol=1e-5, atol=1e-4)

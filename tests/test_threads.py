@@ -370,14 +370,20 @@ CTRL_C = """
 
     rng = np.random.default_rng(0)
     {setup}
-    start = time.perf_counter()
-    call()
-    alone = time.perf_counter() - start
-    scale = max(1, int(3.0 / alone))  # a call of about 3 s on this machine
-    {scale}
-    start = time.perf_counter()
-    call()
-    long_call = time.perf_counter() - start
+
+    def timed():
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    # Grow the problem until one call takes at least 1.5 s, measured at that size: a size
+    # chosen from one timing taken while the machine was busy can run in less than the
+    # delay below once it is quiet again, and then finish before the signal comes.
+    long_call = timed()
+    while long_call < 1.5:
+        scale = min(16, int(2.0 / long_call) + 1)
+        {scale}
+        long_call = timed()
     delay = 0.3
     threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     start = time.perf_counter()

@@ -369,7 +369,7 @@ void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, 
 
 template <class T>
 void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight, const T* kept,
-                       T* grad_x1, T* grad_x2, T* grad_weight, T* grad_bias,
+                       T* grad_x1, T* grad_x2, T* grad_weight, T* grad_bias, bool accumulate,
                        const BilinearShape& shape, int num_threads) {
   const Plan plan = make_plan<T>(shape);
   const Index N = plan.N, L = plan.L, p = plan.p, q = plan.q;
@@ -379,13 +379,23 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
   T* grad_p = plan.swapped ? grad_x2 : grad_x1;
   T* grad_q = plan.swapped ? grad_x1 : grad_x2;
 
-  // grad_bias: the batch summed in order k = 0, 1, ... (vectorised across outputs).
+  // grad_bias: the batch summed in order k = 0, 1, ... (vectorised across outputs); added to
+  // an accumulator at the end, once the call is committed.
+  Buffer<T> bias_sum(accumulate && grad_bias != nullptr ? L : 0);
   if (grad_bias != nullptr) {
-    RowVectorView<T> db(grad_bias, L);
+    RowVectorView<T> db(accumulate ? bias_sum.data() : grad_bias, L);
     db.setZero();
     for (Index k = 0; k < N; ++k) db += dz.row(k);
   }
-  if (grad_p == nullptr && grad_q == nullptr && grad_weight == nullptr) return;
+  const auto add_bias = [&] {
+    if (accumulate && grad_bias != nullptr && detail::commit_call()) {
+      RowVectorView<T>(grad_bias, L) += ConstRowVectorView<T>(bias_sum.data(), L);
+    }
+  };
+  if (grad_p == nullptr && grad_q == nullptr && grad_weight == nullptr) {
+    add_bias();
+    return;
+  }
 
   // T is computed again only for dQ, and only when the forward did not keep it.
   std::optional<KeptLayout<T>> kept_t;
@@ -509,14 +519,24 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
         detail::gemm(acc, P.middleRows(k0, rows).transpose(), w, /*accumulate=*/k0 != 0);
       }
     }
-    // Scatter the tile back to the (L, in1, in2) layout.
+    // Scatter the tile back to the (L, in1, in2) layout, or add it to the accumulator there
+    // (straight from the tile: no whole gradient is ever formed).
+    if (accumulate && !detail::commit_call()) return;
     for_each_output_segment(c0, c1, q, [&](Index l, Index c, Index j, Index len) {
       if (!plan.swapped) {  // dA[l] is p x q
-        MatrixView<T>(grad_weight + l * p * q, p, q).middleCols(j, len) =
-            acc.middleCols(c - c0, len);
+        auto dst = MatrixView<T>(grad_weight + l * p * q, p, q).middleCols(j, len);
+        if (accumulate) {
+          dst += acc.middleCols(c - c0, len);
+        } else {
+          dst = acc.middleCols(c - c0, len);
+        }
       } else {  // dA[l] is q x p
-        MatrixView<T>(grad_weight + l * p * q, q, p).middleRows(j, len) =
-            acc.middleCols(c - c0, len).transpose();
+        auto dst = MatrixView<T>(grad_weight + l * p * q, q, p).middleRows(j, len);
+        if (accumulate) {
+          dst += acc.middleCols(c - c0, len).transpose();
+        } else {
+          dst = acc.middleCols(c - c0, len).transpose();
+        }
       }
     });
   };
@@ -549,6 +569,7 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
           }
         });
   }
+  add_bias();
 }
 
 template Index bilinear_kept_elements<float>(const BilinearShape&);
@@ -558,10 +579,10 @@ template void bilinear_forward<float>(const float*, const float*, const float*, 
 template void bilinear_forward<double>(const double*, const double*, const double*, const double*,
                                        double*, double*, const BilinearShape&, int);
 template void bilinear_backward<float>(const float*, const float*, const float*, const float*,
-                                       const float*, float*, float*, float*, float*,
+                                       const float*, float*, float*, float*, float*, bool,
                                        const BilinearShape&, int);
 template void bilinear_backward<double>(const double*, const double*, const double*, const double*,
-                                        const double*, double*, double*, double*, double*,
+                                        const double*, double*, double*, double*, double*, bool,
                                         const BilinearShape&, int);
 
 }  // namespace linmaps

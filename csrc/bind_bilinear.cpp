@@ -55,34 +55,49 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
   return z;
 }
 
+// The backward kernel call: the requested gradients as new arrays (None for the others) --
+// or, given accumulators acc_weight / acc_bias, the parameter gradients added to those instead
+// (all or nothing, even when interrupted: commit_call in kernels.hpp) and None in their place.
 template <class T>
-py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const Array<T>& x2,
-                               const Array<T>& weight, const std::optional<Array<T>>& kept,
-                               bool need_x1, bool need_x2, bool need_weight, bool need_bias) {
+py::tuple run_bilinear_backward(const Array<T>& grad, const Array<T>& x1, const Array<T>& x2,
+                                const Array<T>& weight, const std::optional<Array<T>>& kept,
+                                bool need_x1, bool need_x2, bool need_weight, bool need_bias,
+                                T* acc_weight = nullptr, T* acc_bias = nullptr) {
   const BilinearShape shape = bilinear_shape(x1, x2, weight);
   require_shape(grad, "grad", {shape.batch, shape.out});
   require_kept(kept, shape);
   const T* kept_data = kept ? kept->data() : nullptr;
+  const bool accumulate = acc_weight != nullptr || acc_bias != nullptr;
 
   binding::Gradient<T> grad_x1(need_x1, {shape.batch, shape.in1});
   binding::Gradient<T> grad_x2(need_x2, {shape.batch, shape.in2});
-  binding::Gradient<T> grad_weight(need_weight, {shape.out, shape.in1, shape.in2});
-  binding::Gradient<T> grad_bias(need_bias, {shape.out});
+  binding::Gradient<T> grad_weight(need_weight && !accumulate, {shape.out, shape.in1, shape.in2});
+  binding::Gradient<T> grad_bias(need_bias && !accumulate, {shape.out});
   const T *grad_data = grad.data(), *x1_data = x1.data(), *x2_data = x2.data();
   const T* weight_data = weight.data();
   T *grad_x1_data = grad_x1.data(), *grad_x2_data = grad_x2.data();
-  T *grad_weight_data = grad_weight.data(), *grad_bias_data = grad_bias.data();
+  T* grad_weight_data = accumulate ? acc_weight : grad_weight.data();
+  T* grad_bias_data = accumulate ? acc_bias : grad_bias.data();
   const double flops = binding::product_flops({shape.batch, shape.in1, shape.in2, shape.out});
   const int num_threads = binding::threads_for(flops);
   binding::CallScope call(flops);
   {
     binding::ReleaseGil release(flops);
     bilinear_backward<T>(grad_data, x1_data, x2_data, weight_data, kept_data, grad_x1_data,
-                         grad_x2_data, grad_weight_data, grad_bias_data, shape, num_threads);
+                         grad_x2_data, grad_weight_data, grad_bias_data, accumulate, shape,
+                         num_threads);
   }
   call.raise_if_stopped();
   return py::make_tuple(grad_x1.result(), grad_x2.result(), grad_weight.result(),
                         grad_bias.result());
+}
+
+template <class T>
+py::tuple bilinear_backward_py(const Array<T>& grad, const Array<T>& x1, const Array<T>& x2,
+                               const Array<T>& weight, const std::optional<Array<T>>& kept,
+                               bool need_x1, bool need_x2, bool need_weight, bool need_bias) {
+  return run_bilinear_backward<T>(grad, x1, x2, weight, kept, need_x1, need_x2, need_weight,
+                                  need_bias);
 }
 
 // The fast paths' checks (never raising): the arrays, if x1, x2 and weight (and grad unless it
@@ -226,14 +241,12 @@ py::object bilinear_layer_backward_t(py::handle grad, py::handle x1, py::handle 
   const auto args = exact_args<T>(x1, x2, weight, acc_bias, grad);
   std::optional<Array<T>> t;
   if (!args || !exact_kept<T>(kept, args->shape(), t) ||
-      !binding::accumulator_fits<T>(acc_weight, args->weight)) {
+      !binding::accumulator_fits<T>(acc_weight, args->weight) || !binding::writeable(acc_bias)) {
     return py::none();
   }
-  py::tuple grads =
-      bilinear_backward_py<T>(*args->grad, args->x1, args->x2, args->weight, t, needs[0], needs[1],
-                              !acc_weight.is_none(), !acc_bias.is_none());
-  binding::accumulate<T>(acc_weight, grads[2]);
-  binding::accumulate<T>(acc_bias, grads[3]);
+  py::tuple grads = run_bilinear_backward<T>(
+      *args->grad, args->x1, args->x2, args->weight, t, needs[0], needs[1], false, false,
+      binding::accumulator_data<T>(acc_weight), binding::accumulator_data<T>(acc_bias));
   return py::make_tuple(grads[0], grads[1]);
 }
 

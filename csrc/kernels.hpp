@@ -20,6 +20,7 @@
 #include <ctime>
 #include <exception>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -93,9 +94,11 @@ void bilinear_forward(const T* x1, const T* x2, const T* weight, const T* bias, 
 
 // `kept`, if not null, is what bilinear_forward kept for the same arguments: the backward
 // reads T from it instead of computing it again (same bits either way).
+// `accumulate`: grad_weight and grad_bias are accumulators that receive += the gradients (as
+// numpy.add(acc, grad, out=acc) rounds each element), all or nothing (commit_call).
 template <class T>
 void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight, const T* kept,
-                       T* grad_x1, T* grad_x2, T* grad_weight, T* grad_bias,
+                       T* grad_x1, T* grad_x2, T* grad_weight, T* grad_bias, bool accumulate,
                        const BilinearShape& shape, int num_threads);
 
 // Size of the buffer bilinear_forward keeps T in, for this shape.
@@ -229,23 +232,41 @@ inline std::int64_t coarse_now_ns() {
 struct CallStop {
   using Poll = bool (*)();
   static constexpr std::int64_t kPollIntervalNs = 50000000;  // 50 ms
+  enum State : int { kRunning, kStopped, kCommitted };
   explicit CallStop(Poll poll_fn)
       : poll(poll_fn), next_poll_ns(coarse_now_ns() + kPollIntervalNs) {}
-  std::atomic<bool> stopped{false};
+  std::atomic<int> state{kRunning};
   Poll poll;
   std::int64_t next_poll_ns;
+  // Held while polling and while committing, so that a call is never both stopped (Python's
+  // KeyboardInterrupt raised by the poll) and committed.
+  std::mutex poll_mutex;
+
+  bool stopped() const { return state.load(std::memory_order_acquire) == kStopped; }
 
   // Whether the call should stop; `caller`: the current thread is the calling thread, which
-  // polls when it is time.
+  // polls when it is time (never once the call is committed).
   bool check(bool caller) {
-    if (caller && poll != nullptr && !stopped.load(std::memory_order_relaxed)) {
+    if (caller && poll != nullptr && state.load(std::memory_order_relaxed) == kRunning) {
       const std::int64_t now = coarse_now_ns();
       if (now >= next_poll_ns) {
         next_poll_ns = now + kPollIntervalNs;
-        if (poll()) stopped.store(true, std::memory_order_relaxed);
+        std::lock_guard<std::mutex> lock(poll_mutex);
+        if (state.load(std::memory_order_relaxed) == kRunning && poll()) {
+          state.store(kStopped, std::memory_order_release);
+        }
       }
     }
-    return stopped.load(std::memory_order_relaxed);
+    return stopped();
+  }
+
+  // See commit_call.
+  bool commit() {
+    if (state.load(std::memory_order_acquire) == kCommitted) return true;
+    std::lock_guard<std::mutex> lock(poll_mutex);
+    int expected = kRunning;
+    state.compare_exchange_strong(expected, kCommitted, std::memory_order_acq_rel);
+    return state.load(std::memory_order_acquire) == kCommitted;
   }
 };
 
@@ -259,6 +280,17 @@ inline thread_local bool t_is_caller = false;
 inline bool stop_requested() {
   CallStop* stop = t_call_stop;
   return stop != nullptr && stop->check(t_is_caller);
+}
+
+// Called by a kernel before it first changes memory that outlives a stopped call (adding to a
+// caller's gradient accumulator): false if the call has been asked to stop (then it must
+// change nothing), else true, and from then on the call is never stopped and the calling
+// thread stops polling: it runs to the end, and a Ctrl-C that comes meanwhile stays pending in
+// Python, which raises it as soon as the call returns. So an interrupted call leaves the
+// accumulator either untouched or completely updated, never half of it.
+inline bool commit_call() {
+  CallStop* stop = t_call_stop;
+  return stop == nullptr || stop->commit();
 }
 
 // Runs body(task, worker) for task in [0, num_tasks), worker in [0, team). Tasks are handed

@@ -106,17 +106,30 @@ Array<T> copy_of(const Array<T>& array) {
   return copy;
 }
 
-// For the layers' fast paths: `acc` if it is None (nothing to accumulate) or an exact array
-// of `like`'s shape; otherwise false (the caller then takes the validated path).
+// Whether `array` (an ndarray, or None) may be written to.
+inline bool writeable(py::handle array) {
+  return array.is_none() ||
+         (py::detail::array_proxy(array.ptr())->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_);
+}
+
+// For the layers' fast paths: `acc` if it is None (nothing to accumulate) or a writeable exact
+// array of `like`'s shape; otherwise false (the caller then takes the validated path).
 template <class T>
 bool accumulator_fits(py::handle acc, const py::array& like) {
   if (acc.is_none()) return true;
-  if (!exact_array<T>(acc, like.ndim())) return false;
+  if (!exact_array<T>(acc, like.ndim()) || !writeable(acc)) return false;
   const auto a = py::reinterpret_borrow<py::array>(acc);
   for (py::ssize_t axis = 0; axis < like.ndim(); ++axis) {
     if (a.shape(axis) != like.shape(axis)) return false;
   }
   return true;
+}
+
+// The data of an accumulator that passed accumulator_fits, or null for None.
+template <class T>
+T* accumulator_data(py::handle acc) {
+  if (acc.is_none()) return nullptr;
+  return reinterpret_cast<T*>(py::detail::array_proxy(acc.ptr())->data);
 }
 
 // acc += grad (elementwise, as numpy.add(acc, grad, out=acc) rounds it) unless acc is None.
@@ -164,7 +177,7 @@ class CallScope {
   // With the GIL held, after the compute: the pending exception (KeyboardInterrupt, or
   // whatever a signal handler raised) if the call was stopped; the outputs are discarded.
   void raise_if_stopped() const {
-    if (stop_.stopped.load(std::memory_order_relaxed)) throw py::error_already_set();
+    if (stop_.stopped()) throw py::error_already_set();
   }
 
  private:

@@ -439,6 +439,81 @@ def test_ctrl_c_stops_a_long_call(name):
     assert latency < 0.25, out
 
 
+LAYER_CTRL_C = """
+    import os, signal, threading, time
+    import numpy as np
+    import linmaps
+
+    rng = np.random.default_rng(0)
+    need_inputs = {need_inputs}
+    layer = linmaps.Bilinear(64, 64, 64, seed=0, keep_bytes=0)
+    n = 20000
+    while True:
+        x1 = rng.standard_normal((n, 64), dtype=np.float32)
+        x2 = rng.standard_normal((n, 64), dtype=np.float32)
+        g = rng.standard_normal((n, 64), dtype=np.float32)
+        layer(x1, x2)
+        start = time.perf_counter()
+        layer.backward(g, need_x1=need_inputs, need_x2=need_inputs)
+        long_call = time.perf_counter() - start
+        if long_call >= 1.5:
+            break
+        n = int(n * min(16, 2.0 / long_call + 1))
+    layer(x1, x2)
+    layer.grad_weight[...] = rng.standard_normal(layer.grad_weight.shape, dtype=np.float32)
+    layer.grad_bias[...] = rng.standard_normal(layer.grad_bias.shape, dtype=np.float32)
+    before = (layer.grad_weight.copy(), layer.grad_bias.copy())
+    grads = linmaps.bilinear_backward(g, x1, x2, layer.weight, need_x1=False, need_x2=False)
+    after = (before[0] + grads.grad_weight, before[1] + grads.grad_bias)
+
+    delay = {delay_share} * long_call
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    start = time.perf_counter()
+    try:
+        layer.backward(g, need_x1=need_inputs, need_x2=need_inputs)
+        time.sleep(1.0)  # a Ctrl-C left pending by the call is raised here at the latest
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    took = time.perf_counter() - start - delay
+    acc = (layer.grad_weight, layer.grad_bias)
+    state = [
+        name
+        for name, value in (("untouched", before), ("added", after))
+        if all(np.array_equal(a, b) for a, b in zip(acc, value))
+    ]
+    print(outcome, state, round(long_call, 2), round(took, 2))
+"""
+
+
+@pytest.mark.parametrize(
+    "need_inputs, delay_share, expected_state",
+    [
+        # The input gradients come first and take most of the call: interrupted there,
+        # nothing has been added yet, and nothing is.
+        (True, 0.2, "untouched"),
+        # Weight gradient only: the first tile is added within the first sixth of the call,
+        # after which the call runs to its end and the Ctrl-C comes right after it.
+        (False, 0.4, "added"),
+    ],
+)
+def test_ctrl_c_in_a_layer_backward_adds_to_the_gradients_all_or_nothing(
+    need_inputs, delay_share, expected_state
+):
+    out = run_script(
+        LAYER_CTRL_C.format(need_inputs=need_inputs, delay_share=delay_share), timeout=240
+    )
+    outcome, rest = out.split(" ", 1)
+    state, numbers = rest.rsplit("]", 1)
+    long_call, took = (float(word) for word in numbers.split())
+    assert outcome == "interrupted", out
+    assert state.strip("[' ") == expected_state, out
+    if expected_state == "untouched":
+        assert took < 0.25 * long_call, out  # stopped early, as any long call
+    else:
+        assert took > 0.3 * long_call, out  # the call ran to its end first
+
+
 def test_ctrl_c_leaves_the_process_usable_and_leaks_nothing():
     out = run_script(
         """

@@ -25,16 +25,11 @@ import os
 import timeit
 
 import numpy as np
+from _timing import suite_bilinear_shapes
 
 import linmaps
 
-SHAPES = [
-    (256, 64, 64, 64),
-    (1024, 128, 128, 64),
-    (4096, 64, 64, 32),
-    (512, 256, 256, 16),
-    (64, 512, 512, 8),
-]
+SHAPES = suite_bilinear_shapes()
 
 
 def best(call, repeat):

@@ -18,18 +18,13 @@ import time
 import timeit
 
 import numpy as np
+from _timing import suite_bilinear_shapes
 
 import linmaps
 
 STEPS_PER_ROUND = 4
 
-SHAPES = [
-    (256, 64, 64, 64),
-    (1024, 128, 128, 64),
-    (4096, 64, 64, 32),
-    (512, 256, 256, 16),
-    (64, 512, 512, 8),
-]
+SHAPES = suite_bilinear_shapes()
 
 
 def gemm_rate(rounds):

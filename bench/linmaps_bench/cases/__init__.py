@@ -3,18 +3,22 @@
 Each kind of case is one module of this package, imported (and so registered) with it:
 ``ops`` (linear and bilinear maps, per operation and backend) and ``mixed`` (NumPy and
 linmaps alternating in one training step). A new size of an existing kind goes into that
-module's ``defaults``; a new kind is a new module here that subclasses :class:`CaseKind` and
-calls :func:`register_kind`; nothing else changes.
+module's ``defaults``; a new kind is a new module here that subclasses :class:`CaseKind` (or
+:class:`PerBackendKind`, for one result per backend) and calls :func:`register_kind`; nothing
+else changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 import re
 import zlib
 
 import numpy as np
+
+from ..backends import BackendError, WorkerFailed
 
 
 class CaseKind:
@@ -69,6 +73,50 @@ class CaseKind:
         below)``: ``draw(ax)`` fills a panel ``height`` inches high; ``below``, the inches its
         tick labels need under it (rotated case names)."""
         return []
+
+
+class PerBackendKind(CaseKind):
+    """A kind whose record has one result per backend (``record["results"][name]``, each with a
+    ``status``): unavailable backends filled in, in the suite's order, by ``complete``."""
+
+    def complete(self, record, suite, gemm_gflops):
+        results = record["results"]
+        for backend in suite.backends:
+            status = suite.status[backend.name]
+            if not status["available"] and backend.name not in results:
+                results[backend.name] = {"status": "unavailable", "reason": status["reason"]}
+        record["results"] = {b.name: results[b.name] for b in suite.backends if b.name in results}
+
+    def has_errors(self, record):
+        return any(r.get("status") == "error" for r in record["results"].values())
+
+
+@contextlib.contextmanager
+def backend_errors(record: dict):
+    """Records a backend's failure (its own error, or its worker process dying) in ``record``
+    as an error of this case instead of stopping the run."""
+    try:
+        yield
+    except BackendError as exc:
+        record.update(status="error", error=str(exc))
+    except WorkerFailed as exc:
+        record.update(status="error", error=f"worker process failed: {exc}")
+
+
+def end_case(runners, name: str) -> None:
+    """Lets backend ``name``'s worker drop the case's state, whatever state it is in."""
+    with contextlib.suppress(WorkerFailed, BackendError):
+        runners.call(name, "end_case")
+
+
+@contextlib.contextmanager
+def on_backend(runners, name: str, record: dict):
+    """One backend's part of a case: :func:`backend_errors`, then :func:`end_case`."""
+    try:
+        with backend_errors(record):
+            yield
+    finally:
+        end_case(runners, name)
 
 
 KIND_REGISTRY: dict = {}  # kind name ("linear", "mixed", ...) -> its CaseKind

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import math
@@ -15,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import BackendError, WorkerFailed, linmaps
+from ..backends import linmaps
 from ..tables import render_table
-from . import CaseKind, register_kind
+from . import PerBackendKind, on_backend, register_kind
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def worker_run(session, case: DaskCase, settings) -> dict:
 # ----------------------------------------------------------------------------- in the harness
 
 
-class DaskKind(CaseKind):
+class DaskKind(PerBackendKind):
     """The dask cases, run in the ``cpp`` backend's worker; "unavailable" without Dask."""
 
     kinds = ("dask",)
@@ -295,7 +294,7 @@ class DaskKind(CaseKind):
                 continue  # unavailable: complete() says why
             record = results[name] = {}
             time.sleep(settings.settle_s)
-            try:
+            with on_backend(runners, name, record):
                 measured = runners.call(name, "run", worker_run, case, settings)
                 record.update(measured)
                 if not measured["check"]["passed"]:
@@ -311,34 +310,12 @@ class DaskKind(CaseKind):
                     rows_per_s=rates,
                     ratio={op: rates["cluster"][op] / rates["memory"][op] for op in OPERATIONS},
                 )
-            except BackendError as exc:
-                record.update(status="error", error=str(exc))
-            except WorkerFailed as exc:
-                record.update(status="error", error=f"worker process failed: {exc}")
-            finally:
-                with contextlib.suppress(WorkerFailed, BackendError):
-                    runners.call(name, "end_case")
         return {
             **case.to_json(),
             "dtype": settings.dtype,
             "target": TARGET,
             "results": results,
         }
-
-    def complete(self, record, suite, gemm_gflops):
-        for backend in suite.backends:
-            status = suite.status[backend.name]
-            if not status["available"] and backend.name not in record["results"]:
-                record["results"][backend.name] = {
-                    "status": "unavailable",
-                    "reason": status["reason"],
-                }
-        record["results"] = {
-            b.name: record["results"][b.name] for b in suite.backends if b.name in record["results"]
-        }
-
-    def has_errors(self, record):
-        return any(r.get("status") == "error" for r in record["results"].values())
 
     def format(self, records, result, intro=True):
         headers = ["case", "rows", "op", "in memory", "cluster", "cluster / in memory"]

@@ -3,7 +3,6 @@ the ratio (t_numpy + t_linmaps) / t_alternating says what mixing the two costs."
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import os
@@ -12,13 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import BackendError, WorkerFailed, linmaps
+from ..backends import linmaps
 from ..oracle import CheckResult, check_outputs, expected_with_tolerance
 from ..settings import Settings
 from ..tables import backend_color, error_mark, format_seconds, render_table
 from ..threads import thread_pools
 from ..timing import time_calls
-from . import CaseKind, register_kind, seeded_rng
+from . import PerBackendKind, on_backend, register_kind, seeded_rng
 
 
 @dataclass(frozen=True)
@@ -333,7 +332,7 @@ def worker_time(session, case: MixedCase, settings: Settings) -> dict:
 # ----------------------------------------------------------------------------- in the harness
 
 
-class MixedKind(CaseKind):
+class MixedKind(PerBackendKind):
     """The mixed cases, on the backends that run linmaps (``Backend.runs_mixed``)."""
 
     kinds = ("mixed",)
@@ -362,7 +361,7 @@ class MixedKind(CaseKind):
             progress.step(f"{case.id} {name}")
             record = results[name] = {}
             time.sleep(settings.settle_s)  # let the previous backend's threads go idle
-            try:
+            with on_backend(runners, name, record):
                 first_step_s, outputs = runners.call(name, "run", worker_first_step, case)
                 check = check_mixed(case, inputs, outputs)
                 del outputs
@@ -372,27 +371,7 @@ class MixedKind(CaseKind):
                     continue
                 stats = runners.call(name, "run", worker_time, case, settings)
                 record.update(status="ok", first_step_s=first_step_s, **stats)
-            except BackendError as exc:
-                record.update(status="error", error=str(exc))
-            except WorkerFailed as exc:
-                record.update(status="error", error=f"worker process failed: {exc}")
-            finally:
-                with contextlib.suppress(WorkerFailed, BackendError):
-                    runners.call(name, "end_case")
         return {**case.to_json(), "dtype": settings.dtype, "results": results}
-
-    def complete(self, record, suite, gemm_gflops):
-        for backend in suite.backends:
-            status = suite.status[backend.name]
-            if not status["available"]:
-                record["results"][backend.name] = {
-                    "status": "unavailable",
-                    "reason": status["reason"],
-                }
-        record["results"] = {b.name: record["results"][b.name] for b in suite.backends}
-
-    def has_errors(self, record):
-        return any(r.get("status") == "error" for r in record["results"].values())
 
     def format(self, records, result, intro=True):
         return format_mixed(records, result, intro)

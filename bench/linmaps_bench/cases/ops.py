@@ -3,7 +3,6 @@ after the oracle's check; their defaults, inputs, flop counts, tables and chart 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import BackendError, WorkerFailed
 from ..oracle import Oracle
 from ..tables import (
     available_backends,
@@ -24,7 +22,7 @@ from ..tables import (
     render_table,
     wrap_to_figure,
 )
-from . import CaseKind, register_kind, seeded_rng
+from . import CaseKind, backend_errors, end_case, register_kind, seeded_rng
 
 # Flops per operation as a multiple of prod(dims) = N*in*out (linear) or N*in1*in2*out
 # (bilinear), the counts of shared/spec/maps.md. Bias terms are not counted.
@@ -178,7 +176,7 @@ class OpsKind(CaseKind):
             for op in settings.ops:
                 progress.step(f"{case.id} {op} {name}")
                 record = results[name][op] = {"flops": case.flops(op)}
-                try:
+                with backend_errors(record):
                     first_call_s, outputs, call_memory = runners.call(name, "first_call", case, op)
                     check = oracle.check(op, outputs)
                     del outputs
@@ -192,12 +190,7 @@ class OpsKind(CaseKind):
                         memory[name] = call_memory
                     stats = runners.call(name, "time_op", case, op, first_call_s, settings)
                     record.update(status="ok", first_call_s=first_call_s, **stats)
-                except BackendError as exc:
-                    record.update(status="error", error=str(exc))
-                except WorkerFailed as exc:
-                    record.update(status="error", error=f"worker process failed: {exc}")
-            with contextlib.suppress(WorkerFailed, BackendError):
-                runners.call(name, "end_case")
+            end_case(runners, name)
         return {
             **case.to_json(),
             "flops": {op: case.flops(op) for op in settings.ops},

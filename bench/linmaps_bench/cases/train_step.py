@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import time
@@ -11,12 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import BackendError, ThreadCountBackend, TorchBackend, WorkerFailed
+from ..backends import ThreadCountBackend, TorchBackend
 from ..oracle import Oracle
 from ..settings import Settings
 from ..tables import backend_color, error_mark, format_seconds, render_table
 from ..timing import time_calls
-from . import CaseKind, register_kind
+from . import PerBackendKind, on_backend, register_kind
 from .ops import DEFAULTS as OPS_DEFAULTS
 from .ops import Case, make_inputs
 
@@ -214,7 +213,7 @@ def check_first_steps(oracle: Oracle, first: dict) -> dict:
     return {name: oracle.check("fwd+bwd", outputs) for name, (_, outputs) in first.items()}
 
 
-class TrainStepKind(CaseKind):
+class TrainStepKind(PerBackendKind):
     """The train-step cases, in the worker of the torch backend (``torch``, ``torch/T``)."""
 
     kinds = ("train-step",)
@@ -245,7 +244,7 @@ class TrainStepKind(CaseKind):
             progress.step(f"{case.id} {name}")
             record = results[name] = {}
             time.sleep(settings.settle_s)
-            try:
+            with on_backend(runners, name, record):
                 first = runners.call(name, "run", worker_first_steps, case)
                 checks = check_first_steps(oracle, first)
                 record["first_step_s"] = {variant: first[variant][0] for variant in VARIANTS}
@@ -260,27 +259,7 @@ class TrainStepKind(CaseKind):
                     continue
                 stats = runners.call(name, "run", worker_time, case, settings)
                 record.update(status="ok", **stats)
-            except BackendError as exc:
-                record.update(status="error", error=str(exc))
-            except WorkerFailed as exc:
-                record.update(status="error", error=f"worker process failed: {exc}")
-            finally:
-                with contextlib.suppress(WorkerFailed, BackendError):
-                    runners.call(name, "end_case")
         return {**case.to_json(), "dtype": settings.dtype, "results": results}
-
-    def complete(self, record, suite, gemm_gflops):
-        for backend in suite.backends:
-            status = suite.status[backend.name]
-            if not status["available"]:
-                record["results"][backend.name] = {
-                    "status": "unavailable",
-                    "reason": status["reason"],
-                }
-        record["results"] = {b.name: record["results"][b.name] for b in suite.backends}
-
-    def has_errors(self, record):
-        return any(r.get("status") == "error" for r in record["results"].values())
 
     def format(self, records, result, intro=True):
         return format_train_step(records, result, intro)

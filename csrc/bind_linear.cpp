@@ -77,17 +77,9 @@ std::optional<ExactArgs<T>> exact_args(py::handle x, py::handle weight, py::hand
                     std::nullopt, std::nullopt};
   const auto &a = args.x, &w = args.weight;
   if (w.shape(1) != a.shape(1)) return std::nullopt;
-  if (!bias.is_none()) {
-    if (!exact_array<T>(bias, 1)) return std::nullopt;
-    args.bias = py::reinterpret_borrow<Array<T>>(bias);
-    if (args.bias->shape(0) != w.shape(0)) return std::nullopt;
-  }
-  if (!grad.is_none()) {
-    if (!exact_array<T>(grad, 2)) return std::nullopt;
-    args.grad = py::reinterpret_borrow<Array<T>>(grad);
-    if (args.grad->shape(0) != a.shape(0) || args.grad->shape(1) != w.shape(0)) {
-      return std::nullopt;
-    }
+  if (!binding::exact_optional<T>(bias, {w.shape(0)}, args.bias) ||
+      !binding::exact_optional<T>(grad, {a.shape(0), w.shape(0)}, args.grad)) {
+    return std::nullopt;
   }
   return args;
 }

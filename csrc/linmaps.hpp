@@ -87,6 +87,22 @@ bool exact_array(py::handle h, py::ssize_t ndim) {
   return descr->type_num == py::detail::npy_format_descriptor<T>::value && descr->byteorder != '>';
 }
 
+// For the fast paths' optional arguments: true for None (`out` left empty), true with `out`
+// set for an exact array of T of exactly `shape`, else false.
+template <class T>
+bool exact_optional(py::handle h, std::initializer_list<py::ssize_t> shape,
+                    std::optional<Array<T>>& out) {
+  if (h.is_none()) return true;
+  if (!exact_array<T>(h, py::ssize_t(shape.size()))) return false;
+  const auto array = py::reinterpret_borrow<Array<T>>(h);
+  py::ssize_t axis = 0;
+  for (py::ssize_t extent : shape) {
+    if (array.shape(axis++) != extent) return false;
+  }
+  out = array;
+  return true;
+}
+
 // Whether every flag is exactly True or False (what the validated front end would accept and
 // pass on unchanged); their values go to `out`.
 inline bool exact_bools(std::initializer_list<py::handle> flags, bool* out) {

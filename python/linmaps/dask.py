@@ -628,34 +628,20 @@ def linear_backward(
             threads_per_task,
         )
     parts_graph = HighLevelGraph.from_collections(parts_name, layer, dependencies=[gd, xd, wd])
-    grad_x = grad_weight = grad_bias = None
-    if need_x:
-        grad_x = _pick_blocks(
-            "linmaps-grad-x-" + token, parts_graph, parts_name, batch, 0, (in_features,), dtype
-        )
-    if need_weight:
-        grad_weight = _summed(
-            "linmaps-grad-weight-" + token,
-            parts_graph,
-            parts_name,
-            batch,
-            1,
-            w_in.shape,
-            dtype,
-            split_every,
-        )
-    if need_bias:
-        grad_bias = _summed(
-            "linmaps-grad-bias-" + token,
-            parts_graph,
-            parts_name,
-            batch,
-            2,
-            (out_features,),
-            dtype,
-            split_every,
-        )
-    return LinearGrads(grad_x, grad_weight, grad_bias)
+    grads = _gradients(
+        parts_graph,
+        parts_name,
+        token,
+        batch,
+        dtype,
+        split_every,
+        [
+            (need_x, "grad-x", (in_features,), False),
+            (need_weight, "grad-weight", w_in.shape, True),
+            (need_bias, "grad-bias", (out_features,), True),
+        ],
+    )
+    return LinearGrads(*grads)
 
 
 def bilinear_backward(
@@ -760,38 +746,40 @@ def bilinear_backward(
     parts_graph = HighLevelGraph.from_collections(
         parts_name, layer, dependencies=[gd, x1d, x2d, wd]
     )
-    grads = [None, None, None, None]
-    if need_x1:
-        grads[0] = _pick_blocks(
-            "linmaps-grad-x1-" + token, parts_graph, parts_name, batch, 0, x1_in.shape[-1:], dtype
-        )
-    if need_x2:
-        grads[1] = _pick_blocks(
-            "linmaps-grad-x2-" + token, parts_graph, parts_name, batch, 1, x2_in.shape[-1:], dtype
-        )
-    if need_weight:
-        grads[2] = _summed(
-            "linmaps-grad-weight-" + token,
-            parts_graph,
-            parts_name,
-            batch,
-            2,
-            w_in.shape,
-            dtype,
-            split_every,
-        )
-    if need_bias:
-        grads[3] = _summed(
-            "linmaps-grad-bias-" + token,
-            parts_graph,
-            parts_name,
-            batch,
-            3,
-            out_shape,
-            dtype,
-            split_every,
-        )
+    grads = _gradients(
+        parts_graph,
+        parts_name,
+        token,
+        batch,
+        dtype,
+        split_every,
+        [
+            (need_x1, "grad-x1", x1_in.shape[-1:], False),
+            (need_x2, "grad-x2", x2_in.shape[-1:], False),
+            (need_weight, "grad-weight", w_in.shape, True),
+            (need_bias, "grad-bias", out_shape, True),
+        ],
+    )
     return BilinearGrads(*grads)
+
+
+def _gradients(parts_graph, parts_name, token, batch, dtype, split_every, specs):
+    """The lazy gradients read from the per-chunk tasks' tuples: ``specs`` has one
+    ``(wanted, name, shape, summed)`` per element of the tuple, in order; an input gradient
+    (``summed`` False) is batch-chunked, a parameter gradient the tree sum of the chunks'
+    parts. None where not wanted."""
+    grads = []
+    for position, (wanted, name, shape, summed) in enumerate(specs):
+        key = f"linmaps-{name}-{token}"
+        if not wanted:
+            grads.append(None)
+        elif summed:
+            grads.append(
+                _summed(key, parts_graph, parts_name, batch, position, shape, dtype, split_every)
+            )
+        else:
+            grads.append(_pick_blocks(key, parts_graph, parts_name, batch, position, shape, dtype))
+    return grads
 
 
 def _pick_blocks(name, parts_graph, parts_name, batch, position, feature_shape, dtype):

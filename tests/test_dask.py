@@ -597,3 +597,27 @@ def test_npy_round_trip(tmp_path):
     ldk.to_npy(x * 2, tmp_path / "b.npy")
     _same_bits(np.load(tmp_path / "b.npy"), data * 2)
     assert os.path.getsize(tmp_path / "b.npy") >= data.nbytes
+
+
+@pytest.mark.parametrize("name", ["same path", "symlink", "hard link"])
+def test_to_npy_refuses_the_file_it_reads(tmp_path, name):
+    data = np.arange(60, dtype=np.float64).reshape(20, 3)
+    source = tmp_path / "a.npy"
+    np.save(source, data)
+    target = source
+    if name == "symlink":
+        target = tmp_path / "link.npy"
+        os.symlink(source, target)
+    elif name == "hard link":
+        target = tmp_path / "hard.npy"
+        os.link(source, target)
+    x = ldk.from_npy(source, chunks=(7, -1))
+    weight = np.ones((2, 3))
+    for array in (x * 2, ldk.linear(x, weight)):
+        with pytest.raises(ValueError, match=r"to_npy\(\): cannot write to .* computed from"):
+            ldk.to_npy(array, target)
+        _same_bits(np.load(source), data)  # nothing was written
+    # The same graph written elsewhere is right.
+    ldk.to_npy(ldk.linear(x, weight), tmp_path / "out.npy")
+    expected = np.concatenate(_per_chunk(linmaps.linear, x.chunks[0], data, weight=weight))
+    _same_bits(np.load(tmp_path / "out.npy"), expected)

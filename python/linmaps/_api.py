@@ -8,6 +8,7 @@ batch shape and dtype. The formulas are those of ``shared/spec/maps.md``; see
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -31,6 +32,8 @@ __all__ = [
 #: Default memory budget (bytes) for the intermediate a bilinear forward keeps for its
 #: backward (``bilinear_with_context``, ``Bilinear`` layers): 256 MiB.
 KEEP_BYTES_DEFAULT = 256 * 1024 * 1024
+# The largest budget: the compiled kernels count bytes in a signed 64-bit integer.
+_KEEP_BYTES_MAX = 2**63 - 1
 
 
 class LinearGrads(NamedTuple):
@@ -331,12 +334,36 @@ class BilinearContext:
         """Free the kept intermediate now; a later backward computes it again."""
         self._kept = None
 
+    # Copies and pickles never carry the kept T. Sharing the buffer would let `reuse=` on one
+    # context overwrite the other's T; and a copy of it would sit at another address, while
+    # the compiled kernels lay T out from the buffer's 64-byte alignment. Without T the
+    # backward computes it again, with the same bits.
+    def __copy__(self) -> BilinearContext:
+        return BilinearContext(self._arrays, self._shapes, self._dtype, self._backend, None)
+
+    def __deepcopy__(self, memo) -> BilinearContext:
+        arrays = copy.deepcopy(self._arrays, memo)
+        return BilinearContext(arrays, self._shapes, self._dtype, self._backend, None)
+
+    def __reduce__(self):
+        backend = "cpp" if self._backend is _backend._cpp_backend else "python"
+        return (_unpickled_context, (self._arrays, self._shapes, self._dtype.str, backend))
+
     def __repr__(self) -> str:
         x1, x2, weight = self._shapes
         return (
             f"BilinearContext(input1 shape {x1}, input2 shape {x2}, weight shape {weight}, "
             f"dtype={self._dtype.name}, kept_bytes={self.kept_bytes})"
         )
+
+
+def _unpickled_context(arrays, shapes, dtype, backend) -> BilinearContext:
+    """A pickled ``BilinearContext`` again (without ``T``), for the backend that made it when
+    this process has it."""
+    module = _backend._cpp_backend if backend == "cpp" else None
+    if module is None:
+        module = _backend._numpy_backend
+    return BilinearContext(tuple(arrays), tuple(shapes), np.dtype(dtype), module, None)
 
 
 def _keep_budget(fname, keep_bytes) -> int:
@@ -348,6 +375,8 @@ def _keep_budget(fname, keep_bytes) -> int:
         )
     if keep_bytes < 0:
         raise ValueError(f"{fname}(): keep_bytes must be >= 0, got {keep_bytes}")
+    if keep_bytes > _KEEP_BYTES_MAX:
+        raise ValueError(f"{fname}(): keep_bytes must be at most 2**63 - 1, got {keep_bytes}")
     return int(keep_bytes)
 
 
@@ -384,14 +413,12 @@ def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=N
     if (
         fast is not None
         and (reuse is None or type(reuse) is BilinearContext)
-        and (keep_bytes is None or type(keep_bytes) is int)
+        and (keep_bytes is None or (type(keep_bytes) is int and 0 <= keep_bytes <= _KEEP_BYTES_MAX))
         and (_backend._override.get() or _backend._default) == "cpp"
     ):
         budget = KEEP_BYTES_DEFAULT if keep_bytes is None else keep_bytes
         buffer = None if reuse is None else reuse._kept
-        result = None
-        if budget >= 0:
-            result = fast.bilinear_layer_forward_fast(x1, x2, weight, bias, buffer, budget, False)
+        result = fast.bilinear_layer_forward_fast(x1, x2, weight, bias, buffer, budget, False)
         if result is not None:
             z, x1, x2, kept = result
             if reuse is not None:

@@ -196,6 +196,7 @@ class _Layer:
         array = _parameter_value(
             f"{type(self).__name__}: cannot set {name}", name, value, target.shape, self._dtype
         )
+        self._parameters_changing()
         # Copy into the existing array, as torch's load_state_dict does: references that an
         # optimiser took from parameters() stay valid.
         v.copy_into(target, array)
@@ -244,6 +245,10 @@ class _Layer:
         """Names of the frozen parameters, e.g. ``frozenset({'weight'})``."""
         return frozenset(self._frozen)
 
+    def _parameters_changing(self) -> None:
+        """Before the layer itself writes new parameter values (assignment, loading): what the
+        last forward computed from the old ones is not used by a later backward."""
+
     def _needs_grad(self, name: str) -> bool:
         return name in self._params and name not in self._frozen
 
@@ -278,9 +283,14 @@ class _Layer:
         for grad in self._grads.values():
             grad.fill(0)
 
-    def _accumulate(self, name: str, grad: np.ndarray | None) -> None:
-        if grad is not None:
-            np.add(self._grads[name], grad, out=self._grads[name])
+    def _accumulate(self, grads: dict) -> None:
+        """``grad_<name> += grad`` for each gradient computed. IEEE arithmetic whatever
+        ``numpy.errstate`` says, as in the compiled fast path: an overflow gives inf and never
+        raises between the additions, so the accumulators are updated all together."""
+        with np.errstate(all="ignore"):
+            for name, grad in grads.items():
+                if grad is not None:
+                    np.add(self._grads[name], grad, out=self._grads[name])
 
     # -- state dicts ---------------------------------------------------------------------------
 
@@ -340,6 +350,7 @@ class _Layer:
             for name, p in self._params.items()
             if name in keys
         }
+        self._parameters_changing()
         for name, value in values.items():
             v.copy_into(self._params[name], value)
         return IncompatibleKeys(missing, unexpected)
@@ -401,6 +412,7 @@ class _Layer:
             values, missing, unexpected = _npz.read_parameters(file, shapes, self._dtype, strict)
         except _npz.Invalid as exc:
             raise LoadError(f"{where}: cannot load {shown}: {exc}") from exc.__cause__
+        self._parameters_changing()
         for name, value in values.items():  # every member was checked: now copy them all
             v.copy_into(self._params[name], value)
         return IncompatibleKeys(missing, unexpected)
@@ -616,8 +628,7 @@ class Linear(_Layer):
             need_x=need_x,
             need_weight=self._needs_grad("weight"),
         )
-        self._accumulate("weight", grads.grad_weight)
-        self._accumulate("bias", grads.grad_bias)
+        self._accumulate({"weight": grads.grad_weight, "bias": grads.grad_bias})
         return grads.grad_x
 
     def __repr__(self) -> str:
@@ -704,9 +715,40 @@ class Bilinear(_Layer):
             shapes["bias"] = (self.out_features,)
         super().__init__(shapes, self.in1_features, dtype, seed, rng, copy_inputs)
         self._keep_bytes = _api._keep_budget("Bilinear", keep_bytes)
-        # The intermediate T kept by the last forward (for the backend that made it), or None.
+        # The buffer of the intermediate T (for the backend that made it), or None; it holds
+        # the last forward's T while _kept_live (until a backward or a change of the weight).
         self._kept: np.ndarray | None = None
         self._kept_backend = None
+        self._kept_live = False
+        # Whether the layer made the weight read-only (while T is live, see _hold_kept_t).
+        self._weight_locked = False
+
+    # T is computed from the weight as it is at the forward. While a backward may still read
+    # it, the weight is read-only, so that the backward sees the parameters as they are at
+    # backward time whether T was kept or is computed again (docs/layers.md).
+    def _hold_kept_t(self, kept, backend) -> None:
+        self._kept, self._kept_backend, self._kept_live = kept, backend, kept is not None
+        weight = self._params["weight"]
+        if self._kept_live and weight.flags.writeable:
+            weight.flags.writeable = False
+            self._weight_locked = True
+
+    def _release_kept_t(self) -> None:
+        self._kept_live = False
+        if self._weight_locked:
+            self._params["weight"].flags.writeable = True
+            self._weight_locked = False
+
+    def _parameters_changing(self) -> None:
+        self._release_kept_t()
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles leave T behind: a copy of the buffer would sit at another address,
+        # while the compiled kernels lay T out from the buffer's alignment. The copy's backward
+        # computes T again (same bits).
+        state = self.__dict__.copy()
+        state.update(_kept=None, _kept_backend=None, _kept_live=False, _weight_locked=False)
+        return state
 
     @property
     def keep_bytes(self) -> int:
@@ -754,6 +796,7 @@ class Bilinear(_Layer):
         ):
             z = fast.bilinear_forward_fast(x1, x2, self._params["weight"], self._params.get("bias"))
             if z is not None:
+                self._release_kept_t()
                 self._saved = self._kept = None
                 return z
         if (
@@ -763,6 +806,7 @@ class Bilinear(_Layer):
             and (_backend._override.get() or _backend._default) == "cpp"
         ):
             # Nothing of the last batch stays valid if this call is interrupted part-way.
+            self._release_kept_t()
             buffer, self._kept, self._saved = self._kept, None, None
             result = fast.bilinear_layer_forward_fast(
                 x1,
@@ -774,13 +818,14 @@ class Bilinear(_Layer):
                 self._copy_inputs,
             )
             if result is not None:
-                z, x1, x2, self._kept = result
-                self._kept_backend = _backend._cpp_backend
+                z, x1, x2, kept = result
+                self._hold_kept_t(kept, _backend._cpp_backend)
                 self._saved = (x1, x2)
                 return z
         where = "Bilinear.forward"
         save = _check_bool(where + "()", "save_for_backward", save_for_backward)
         budget = self._keep_bytes if keep_bytes is None else _api._keep_budget(where, keep_bytes)
+        self._release_kept_t()
         self._saved = None
         buffer, self._kept = self._kept if buffer is None else buffer, None
         x1 = self._checked_input(where, "input1", x1, "in1_features")
@@ -795,7 +840,7 @@ class Bilinear(_Layer):
         if not save:
             return _api.bilinear(x1, x2, self.weight, self.bias)
         z, context = _api._forward_keeping(where, x1, x2, self.weight, self.bias, budget, buffer)
-        self._kept, self._kept_backend = context._kept, context._backend
+        self._hold_kept_t(context._kept, context._backend)
         self._saved = (x1, x2)
         return z
 
@@ -844,13 +889,16 @@ class Bilinear(_Layer):
                 x1,
                 x2,
                 self._params["weight"],
-                self._kept if self._kept_backend is _backend._cpp_backend else None,
+                self._kept
+                if self._kept_live and self._kept_backend is _backend._cpp_backend
+                else None,
                 need_x1,
                 need_x2,
                 self._grads["weight"] if self._needs_grad("weight") else None,
                 self._grads["bias"] if self._needs_grad("bias") else None,
             )
             if grads is not None:
+                self._release_kept_t()
                 return grads
         where = "Bilinear.backward"
         need_x1 = _check_bool(where + "()", "need_x1", need_x1)
@@ -859,11 +907,11 @@ class Bilinear(_Layer):
         grad_out = self._grad_out(where, grad_out, x1.shape[:-1] + (self.out_features,))
         weight = self.weight
         context = _api.BilinearContext(
-            (x1.reshape(-1, self.in1_features), x2.reshape(-1, self.in2_features), weight),
+            (_api._flat(x1, self.in1_features), _api._flat(x2, self.in2_features), weight),
             (x1.shape, x2.shape, weight.shape),
             self._dtype,
             self._kept_backend,
-            self._kept,
+            self._kept if self._kept_live else None,
         )
         grads = _api.bilinear_backward(
             grad_out,
@@ -873,8 +921,8 @@ class Bilinear(_Layer):
             need_x2=need_x2,
             need_weight=self._needs_grad("weight"),
         )
-        self._accumulate("weight", grads.grad_weight)
-        self._accumulate("bias", grads.grad_bias)
+        self._accumulate({"weight": grads.grad_weight, "bias": grads.grad_bias})
+        self._release_kept_t()
         return grads.grad_x1, grads.grad_x2
 
     def __repr__(self) -> str:

@@ -870,6 +870,19 @@ class _NpyWriter:
         del mapped
 
 
+def _files_read(array) -> set:
+    """The files that computing ``array`` reads while it runs: those of the ``from_npy``
+    readers in its graph, and of any memory map still backed by its file."""
+    files = set()
+    for value in array.__dask_graph__().values():
+        value = getattr(value, "value", value)  # a literal wrapped in a task-spec node
+        if isinstance(value, _NpyRows):
+            files.add(value.path)
+        elif isinstance(value, np.memmap) and value.filename is not None:
+            files.add(value.filename)
+    return files
+
+
 def to_npy(array, path, *, compute=True, **store_kwargs):
     """Write a Dask array to an ``.npy`` file chunk by chunk, never holding it whole.
 
@@ -896,6 +909,13 @@ def to_npy(array, path, *, compute=True, **store_kwargs):
             "array.compute_chunk_sizes() first"
         )
     path = os.fspath(path)
+    for source in _files_read(array):
+        if os.path.exists(path) and os.path.samefile(source, path):
+            raise ValueError(
+                f"to_npy(): cannot write to {path!r}: the array is computed from that file "
+                f"(read from {source!r}), which writing would overwrite before it is read; "
+                "write to another file (and rename it afterwards)"
+            )
     created = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
     del created  # the header is written; the data is a sparse file until the tasks fill it
     return da.store(array, _NpyWriter(path), lock=False, compute=compute, **store_kwargs)

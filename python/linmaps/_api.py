@@ -313,7 +313,9 @@ class BilinearContext:
     two of its three large matrix products instead of three; without it, it computes ``T``
     again. The gradients are bitwise the same either way.
 
-    Pass it to ``bilinear_backward(grad_out, context=ctx)``, as often as needed.
+    Pass it to ``bilinear_backward(grad_out, context=ctx)``, as often as needed. Copies
+    (``copy.copy``, ``copy.deepcopy``) and pickles hold the same arguments but never ``T``:
+    their backward computes it again, with the same bits.
     """
 
     __slots__ = ("_arrays", "_backend", "_dtype", "_kept", "_shapes")
@@ -396,7 +398,7 @@ def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=N
     keep_bytes : int, optional
         Memory budget for ``T`` (``N * out_features * min(in1, in2)`` numbers of the compute
         dtype): kept only if it fits. Default :data:`KEEP_BYTES_DEFAULT` (256 MiB); 0 keeps
-        nothing.
+        nothing; at most ``2**63 - 1`` (``ValueError`` above).
     reuse : BilinearContext, optional
         A context whose buffer may be recycled for this one's ``T`` (as a training loop does
         from one step to the next: no fresh memory per step). That context then no longer

@@ -21,7 +21,6 @@ from ..oracle import Oracle, check_outputs, expected_with_tolerance
 from ..settings import Settings
 from ..tables import backend_color, error_mark, format_percent, format_seconds, render_table
 from ..threads import thread_pools
-from ..timing import time_calls
 from . import PerBackendKind, on_backend, register_kind
 from .ops import DEFAULTS as OPS_DEFAULTS
 from .ops import Case, make_inputs
@@ -179,6 +178,7 @@ class CeilingRun:
 
     groups: list
     info: dict = field(default_factory=dict)
+    first_s: dict = field(default_factory=dict)  # each variant's first step, in seconds
 
     @property
     def variants(self) -> list:
@@ -344,14 +344,17 @@ def worker_first_calls(session, case: CeilingCase) -> dict:
     outputs = {}
     for variant in run.variants:
         with variant.context():
-            outputs[variant.name] = [None if o is None else np.asarray(o) for o in variant.first()]
+            start = time.perf_counter()
+            first = variant.first()
+            run.first_s[variant.name] = time.perf_counter() - start
+        outputs[variant.name] = [None if o is None else np.asarray(o) for o in first]
     session.case, session.state = case, run
-    return {"outputs": outputs, "info": run.info, "environment": worker_environment(session)}
-
-
-def _step(parts) -> None:
-    for part in parts:
-        part()
+    return {
+        "outputs": outputs,
+        "first_step_s": dict(run.first_s),
+        "info": run.info,
+        "environment": worker_environment(session),
+    }
 
 
 def _block(variant: Variant, min_steps: int, measure_s: float) -> tuple:
@@ -386,15 +389,12 @@ def time_rounds(run: CeilingRun, settings: Settings) -> dict:
     Each round times every variant, a block of steps each, group after group; the groups'
     order rotates from round to round, so that a machine getting busier or quieter weighs on
     every library alike. A block starts with a ``settle_s`` pause when the previous block
-    ran on another thread pool (PyTorch's), and with one untimed step when a step is short
-    (:data:`WARMUP_BELOW_S`); then at least ``ceiling_min_steps`` steps and
-    ``ceiling_measure_s`` seconds of steps, each timed on its own. The round's figure is
-    their median; the result, the median over the rounds.
+    ran on another thread pool (PyTorch's), and with one untimed step when the variant's
+    first step was short (:data:`WARMUP_BELOW_S`); then at least ``ceiling_min_steps``
+    steps and ``ceiling_measure_s`` seconds of steps, each timed on its own. The round's
+    figure is their median; the result, the median over the rounds.
     """
-    per_step = {}
-    for variant in run.variants:  # one step each: is a warm-up step worth it?
-        with variant.context():
-            per_step[variant.name] = time_calls(functools.partial(_step, variant.parts), 1)
+    per_step = run.first_s
     rounds = {v.name: [] for v in run.variants}
     steps = {v.name: [] for v in run.variants}
     part_rounds = {v.name: [[] for _ in v.parts] for v in run.variants if len(v.parts) > 1}
@@ -528,7 +528,11 @@ class CeilingKind(PerBackendKind):
                 first = runners.call(name, "run", worker_first_calls, case)
                 checks = check_first_calls(case, oracle, products, first["outputs"])
                 del first["outputs"]
-                record.update(first["info"], environment=first["environment"])
+                record.update(
+                    first["info"],
+                    first_step_s=first["first_step_s"],
+                    environment=first["environment"],
+                )
                 record["check"] = {variant: c.to_json() for variant, c in checks.items()}
                 wrong = {variant: c for variant, c in checks.items() if not c.ok}
                 if wrong:  # reported as an error, never timed
@@ -537,7 +541,8 @@ class CeilingKind(PerBackendKind):
                         error="; ".join(f"{v}: {c.message}" for v, c in wrong.items()),
                     )
                     continue
-                time.sleep(settings.settle_s)
+                # No pause here: since the one before the first calls, this process only
+                # compared arrays, on one thread.
                 stats = runners.call(name, "run", worker_time, case, settings)
                 summary = _bilinear_stats(stats) if case.map == "bilinear" else _linear_stats(stats)
                 record.update(

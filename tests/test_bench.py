@@ -536,6 +536,7 @@ def test_cli_quick_ceiling_run(tmp_path):
         record = case["results"]["cpp"]
         assert record["status"] == "ok", record
         assert all(check["passed"] for check in record["check"].values())
+        assert set(record["first_step_s"]) == set(record["check"]) == set(record["rounds_s"])
         environment = record["environment"]
         assert environment["linmaps_threads"] == result["settings"]["threads"]
         assert environment["blas_pools"] and environment["linmaps_isa"]

@@ -59,8 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python bench/run.py",
         description="Time the forward and backward passes of linmaps' linear and bilinear "
         "maps on every backend (cpp, python, and torch when installed), after "
-        "checking each result against the NumPy oracle; and a training step that alternates "
-        "NumPy products and linmaps calls (the mixed cases).",
+        "checking each result against the NumPy oracle; a training step that alternates "
+        "NumPy products and linmaps calls (the mixed cases); and linmaps beside OpenBLAS and "
+        "PyTorch in one process (the ceiling cases).",
     )
     parser.add_argument(
         "--quick",
@@ -84,9 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--cases",
         default=None,
-        help="comma-separated filter: 'linear', 'bilinear', 'mixed', part of a case id "
-        "('1024x', 'bilinear-64x512', 'mixed-short'), or a custom size "
-        "('bilinear:8x4x4x2', 'linear:8x16x4', 'mixed:32x64x64x64x8'); see --list-cases",
+        help="comma-separated filter: a kind ('linear', 'bilinear', 'mixed', 'train-step', "
+        "'dask', 'ceiling'), part of a case id ('1024x', 'bilinear-64x512', 'mixed-short', "
+        "'ceiling-linear'), or a custom size ('bilinear:8x4x4x2', 'linear:8x16x4', "
+        "'mixed:32x64x64x64x8', 'ceiling:8x4x4x2'); see --list-cases",
     )
     parser.add_argument(
         "--backends",

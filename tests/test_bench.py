@@ -77,8 +77,9 @@ def test_cli_quick_run_writes_every_field(tmp_path):
         "reference_gemm",
         "cases",
         "mixed",
+        "ceiling",
     } <= set(result)
-    assert result["mixed"] == []  # no mixed case selected
+    assert result["mixed"] == [] and result["ceiling"] == []  # none of those selected
     assert {"cpu_model", "logical_cpus", "usable_cpus", "cpu_simd_flags"} <= set(result["machine"])
     assert {"linmaps", "numpy", "torch", "compiler", "build_simd", "blas"} <= set(
         result["versions"]
@@ -331,8 +332,29 @@ def test_case_selection():
         "bilinear-1024x128x128x64",
         "linear-4096x1024x1024",
         "train-step-1024x128x128x64",
+        "ceiling-bilinear-1024x128x128x64",
+        "ceiling-linear-4096x1024x1024",
         "bilinear-2x3x4x5",
     ]
+    ceiling = [c.id for c in lb.select_cases("ceiling")]
+    assert ceiling == [
+        "ceiling-bilinear-" + "x".join(map(str, c.dims))
+        for c in lb.DEFAULT_CASES
+        if c.kind == "bilinear"
+    ] + [
+        "ceiling-linear-4096x1024x1024",
+        "ceiling-linear-256x512x512",
+        "ceiling-linear-64x4096x4096",
+    ]
+    assert [c.id for c in lb.select_cases("ceiling-linear,ceiling:2x3x4x5,ceiling:2x3x4")] == [
+        "ceiling-linear-4096x1024x1024",
+        "ceiling-linear-256x512x512",
+        "ceiling-linear-64x4096x4096",
+        "ceiling-bilinear-2x3x4x5",
+        "ceiling-linear-2x3x4",
+    ]
+    with pytest.raises(ValueError, match="4 positive sizes"):
+        lb.select_cases("ceiling:2x3")
     train_steps = [c.id for c in lb.select_cases("train-step")]
     assert train_steps == [
         "train-step-" + "x".join(map(str, c.dims)) for c in lb.DEFAULT_CASES if c.kind == "bilinear"
@@ -471,6 +493,136 @@ def test_cli_quick_dask_case(tmp_path):
         assert record["ratio"][op] == pytest.approx(rates["cluster"][op] / rates["memory"][op])
         assert f"{record['ratio'][op]:.2f}" in proc.stdout
     assert "dask cluster / in memory (target >= 0.8)" in proc.stdout
+
+
+CEILING_CASES = "ceiling:6x5x4x3,ceiling:5x3x7x2,ceiling:8x6x5"
+
+
+def test_cli_quick_ceiling_run(tmp_path):
+    # The ceiling cases end to end in the cpp worker: OpenBLAS's three products, linmaps'
+    # kept-T step and a layer's step (bilinear, both operand layouts), linmaps against NumPy
+    # and PyTorch (linear); every first result checked, then all timed in alternating rounds;
+    # the ratios reach the table, the summary, the JSON and the chart, under the CPU's name.
+    if "cpp" not in linmaps.available_backends():
+        pytest.skip("the ceiling cases run in the cpp backend's worker")
+    json_path, png_path = tmp_path / "ceiling.json", tmp_path / "ceiling.png"
+    proc = run_bench_cli(
+        "--no-memory",
+        "--backends",
+        "cpp,python",
+        "--cases",
+        CEILING_CASES,
+        "--json",
+        str(json_path),
+        "--plot",
+        str(png_path),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(json_path.read_text())
+    assert result["cases"] == [] and result["mixed"] == []
+    assert f"CPU: {result['machine']['cpu_model']}; SIMD flags: " in proc.stdout
+    assert "step / ceiling" in proc.stdout and "vs best" in proc.stdout
+    gemm = result["reference_gemm"]["gflops"]
+    rounds = result["settings"]["ceiling_rounds"]
+    bilinear, bilinear_swapped, linear = result["ceiling"]
+    assert [bilinear["id"], bilinear_swapped["id"], linear["id"]] == [
+        "ceiling-bilinear-6x5x4x3",
+        "ceiling-bilinear-5x3x7x2",
+        "ceiling-linear-8x6x5",
+    ]
+    for case in result["ceiling"]:
+        assert case["kind"] == "ceiling" and case["dtype"] == "float32"
+        assert case["results"]["python"]["status"] == "not applicable"
+        record = case["results"]["cpp"]
+        assert record["status"] == "ok", record
+        assert all(check["passed"] for check in record["check"].values())
+        assert set(record["first_step_s"]) == set(record["check"]) == set(record["rounds_s"])
+        environment = record["environment"]
+        assert environment["linmaps_threads"] == result["settings"]["threads"]
+        assert environment["blas_pools"] and environment["linmaps_isa"]
+        assert all(len(values) == rounds for values in record["rounds_s"].values())
+        assert all(
+            len(counts) == rounds and min(counts) >= result["settings"]["ceiling_min_steps"]
+            for counts in record["steps_per_round"].values()
+        )
+    for case in (bilinear, bilinear_swapped):
+        record = case["results"]["cpp"]
+        assert set(record["check"]) == {"openblas", "kept_t_step", "layer"}
+        t = record["t_s"]
+        assert all(
+            math.isfinite(v) and v > 0 for v in [*t.values(), *record["products_s"].values()]
+        )
+        assert record["kept_bytes"] > 0  # the step kept T
+        assert record["ratio"] == pytest.approx(t["openblas"] / t["kept_t_step"])
+        assert len(record["ratio_rounds"]) == rounds
+        unit = math.prod(case["dims"])
+        assert record["of_gemm"]["kept_t_step"] == pytest.approx(
+            8 * unit / t["kept_t_step"] / 1e9 / gemm
+        )
+        assert record["of_gemm"]["dP"] == pytest.approx(
+            2 * unit / record["products_s"]["dP"] / 1e9 / gemm
+        )
+        assert f"{record['ratio']:.2f}" in proc.stdout
+    record = linear["results"]["cpp"]
+    torch_ran = record["torch"]["status"] == "ok"
+    libraries = {"linmaps", "numpy", "torch"} if torch_ran else {"linmaps", "numpy"}
+    assert set(record["check"]) == {
+        f"{lib} {op}" for lib in libraries for op in ("forward", "fwd+bwd")
+    }
+    if not torch_ran:
+        assert record["torch"]["reason"]
+    for op in ("forward", "fwd+bwd"):
+        t = record["t_s"][op]
+        assert set(t) == libraries
+        best = min(libraries - {"linmaps"}, key=t.get)
+        assert record["best_peer"][op] == best
+        assert record["vs_best"][op] == pytest.approx(t[best] / t["linmaps"])
+        assert len(record["vs_best_rounds"][op]) == rounds
+        flops = (2 if op == "forward" else 6) * math.prod(linear["dims"])
+        assert record["of_gemm"][op]["linmaps"] == pytest.approx(flops / t["linmaps"] / 1e9 / gemm)
+        assert f"{record['vs_best'][op]:.2f}x ({best})" in proc.stdout
+    assert "ceiling: kept-T step / OpenBLAS's three products (target >= 1.0)" in proc.stdout
+    if "matplotlib" in result["versions"]:
+        assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dims", [(6, 5, 4, 3), (5, 3, 7, 2)])
+def test_ceiling_products_are_the_kept_t_step_s(dims):
+    # The operands the ceiling gives OpenBLAS are those of the kept-T step (docs/kernels.md):
+    # T's row dots with Q plus the bias are z, dP is the gradient of the larger input, dA_hat
+    # the weight gradient, each against the NumPy backend in float64. The check then accepts
+    # OpenBLAS's float32 products and rejects one 1% off.
+    from linmaps_bench.cases import ceiling
+
+    case = ceiling.CeilingCase(dims)
+    inputs = lb.make_inputs(case.ops_case, np.float32)
+    operands = ceiling.bilinear_operands(inputs)
+    exact = {name: array.astype(np.float64) for name, array in inputs.items()}
+    n, in1, in2, n_out = dims
+    q_in, q = (exact["x2"], in2) if in1 >= in2 else (exact["x1"], in1)
+    with linmaps.use_backend("python"):
+        z = linmaps.bilinear(exact["x1"], exact["x2"], exact["weight"], exact["bias"])
+        grads = linmaps.bilinear_backward(
+            exact["grad_out"], exact["x1"], exact["x2"], exact["weight"]
+        )
+    p64, a64, w64 = (operands[k].astype(np.float64) for k in ("P", "A_hat", "W"))
+    t = (p64 @ a64).reshape(n, n_out, q)
+    np.testing.assert_allclose(np.einsum("nlq,nq->nl", t, q_in) + exact["bias"], z, rtol=1e-5)
+    grad_p = grads.grad_x1 if in1 >= in2 else grads.grad_x2
+    np.testing.assert_allclose(w64 @ a64.T, grad_p, rtol=1e-5, atol=1e-6)
+    grad_a = p64.T @ w64
+    expected_a = (
+        grads.grad_weight.transpose(1, 0, 2) if in1 >= in2 else grads.grad_weight.transpose(2, 0, 1)
+    )
+    np.testing.assert_allclose(grad_a, expected_a.reshape(grad_a.shape), rtol=1e-5, atol=1e-6)
+
+    expected = ceiling.products_oracle(operands, np.float32)
+    p, a_hat, w = operands["P"], operands["A_hat"], operands["W"]
+    products = [p @ a_hat, w @ a_hat.T, p.T @ w]
+    assert lb.check_outputs(expected, ceiling.PRODUCTS, products).ok
+    products[1] = products[1] * np.float32(1.01)
+    check = lb.check_outputs(expected, ceiling.PRODUCTS, products)
+    assert not check.ok and "wrong result: dP" in check.message
 
 
 def test_tables_are_printed_as_each_case_finishes():

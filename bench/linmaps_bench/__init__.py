@@ -7,7 +7,8 @@ and tested. One module per responsibility:
 ``settings``    what a run measures and how hard (:class:`Settings`, the ``--quick`` preset)
 ``cases``       the :class:`CaseKind` interface, the registry of kinds, ``--cases`` selection;
                 one module per kind: ``cases/ops.py`` (linear, bilinear), ``cases/mixed.py``,
-                ``cases/train_step.py`` (torch.nn vs linmaps.torch)
+                ``cases/train_step.py`` (torch.nn vs linmaps.torch), ``cases/dask_cluster.py``,
+                ``cases/ceiling.py`` (OpenBLAS, NumPy, PyTorch beside linmaps)
 ``backends``    the :class:`Backend` interface and the registry (``cpp``, ``python``, ``torch``)
 ``oracle``      the float64 oracle and the rounding tolerance every result is checked against
 ``timing``      calibrated samples of one call, their statistics, the reference GEMM
@@ -35,7 +36,9 @@ The flow of :func:`run_suite`:
    a result outside the rounding tolerance is recorded as an error and not timed. A correct
    one is warmed up and timed in the worker. The first (checked) backward call doubles as the
    measurement of the backend's peak extra memory (see :data:`MEMORY_METHOD`). The mixed
-   cases time one training step that alternates NumPy products and linmaps calls.
+   cases time one training step that alternates NumPy products and linmaps calls; the
+   ceiling cases time OpenBLAS's products, NumPy and PyTorch beside linmaps in the compiled
+   backend's worker.
 
 The result is one JSON-ready dict (:data:`SCHEMA`); :mod:`linmaps_bench.report` turns it into
 tables and a chart.

@@ -40,11 +40,13 @@ def machine_info() -> dict:
         "avx2",
         "fma",
         "avx512f",
+        "avx512dq",
         "avx512bw",
         "avx512vl",
         "avx512_bf16",
         "avx512_fp16",
         "amx_tile",
+        "amx_bf16",
         "asimd",
         "sve",
     )

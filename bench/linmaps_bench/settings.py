@@ -38,6 +38,12 @@ class Settings:
     mixed_measure_s: float = 0.1
     mixed_min_steps: int = 5
     mixed_warmup_steps: int = 3
+    # Ceiling cases: ceiling_rounds rounds of blocks (OpenBLAS's products, linmaps' step, ...,
+    # one library after the other), each at least ceiling_min_steps steps and
+    # ceiling_measure_s seconds of steps, after one untimed step when a step is short.
+    ceiling_rounds: int = 5
+    ceiling_measure_s: float = 0.1
+    ceiling_min_steps: int = 3
     measure_memory: bool = True
     isolate: bool = True  # time each builtin backend in its own worker process
     worker_timeout_s: float = 1800.0
@@ -61,6 +67,9 @@ class Settings:
                 "mixed_rounds": 3,
                 "mixed_measure_s": 0.02,
                 "mixed_min_steps": 3,
+                "ceiling_rounds": 3,
+                "ceiling_measure_s": 0.03,
+                "ceiling_min_steps": 2,
                 "quick": True,
             }
         else:

@@ -34,7 +34,7 @@ class CaseKind:
 
     kinds: tuple = ()  # the ``kind`` of its cases: the start of their ids, a --cases token
     section: str = ""  # key of the run's JSON that lists the records
-    order: int = 50  # kinds run and print in this order (ops 10, mixed 20)
+    order: int = 50  # kinds run and print in this order (ops 10, mixed 20, ceiling 40)
     custom_sizes: tuple = ()  # how --cases gives a custom size, e.g. "linear:NxINxOUT"
     defaults: tuple = ()  # the cases of a default run
 

@@ -5,7 +5,6 @@ small training run against the all-PyTorch model. Skipped when torch is not inst
 import runpy
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
+from torch_helpers import assert_close, ran_linmaps, randn  # noqa: E402
 
 import linmaps  # noqa: E402
 import linmaps.torch as lt  # noqa: E402
@@ -23,33 +23,6 @@ from linmaps import _api, _backend  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64]
 hyp = settings(max_examples=25, deadline=None)
-
-
-def randn(*shape, dtype=torch.float64, seed=0, requires_grad=False):
-    generator = torch.Generator().manual_seed(seed)
-    tensor = torch.randn(shape, dtype=dtype, generator=generator)
-    return tensor.requires_grad_(requires_grad)
-
-
-def ran_linmaps(tensor) -> bool:
-    """Whether ``tensor`` came out of linmaps (a registered operator, or the eager path's
-    autograd.Function), not out of PyTorch's fallback."""
-    if tensor.grad_fn is None:
-        return False
-    name = type(tensor.grad_fn).__name__
-    return "linmaps" in name or name.startswith(("_LinearFunction", "_BilinearFunction"))
-
-
-def assert_close(actual, expected):
-    """Same dtype and shape; values equal up to a few roundings of sums of products.
-
-    The tolerance is PyTorch's for the dtype, scaled by the largest magnitude of the expected
-    tensor (different summation orders differ by roundings relative to it).
-    """
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    eps = torch.finfo(expected.dtype).eps
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=64 * eps * scale)
 
 
 def grads_of(function, inputs, grad_out):
@@ -490,22 +463,6 @@ def test_import_error_names_the_extra_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "linmaps[torch]" in result.stderr
-
-
-def test_torch_func_transforms_go_to_torch():
-    x1, x2, weight = randn(3, 4), randn(3, 5, seed=1), randn(2, 4, 5, seed=2)
-    with warnings.catch_warnings():
-        # PyTorch's own warnings about its _trilinear batching rule, for both sides alike.
-        warnings.simplefilter("ignore", UserWarning)
-        results = [
-            (
-                torch.func.grad(lambda a, f=function: f(a, x2, weight).square().sum())(x1),
-                torch.func.vmap(lambda a, b, f=function: f(a, b, weight))(x1, x2),
-            )
-            for function in (lt.bilinear, F.bilinear)
-        ]
-    for ours, theirs in zip(*results):
-        assert torch.equal(ours, theirs)
 
 
 def test_example_runs(capsys):

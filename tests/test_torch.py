@@ -428,6 +428,92 @@ def test_torch_compile_fullgraph_without_graph_breaks():
     torch._dynamo.reset()
 
 
+# ----------------------------------------------------------------------------- in place, tracing
+
+INPLACE_ERROR = "modified by an inplace operation"
+
+
+def backward_after_inplace_change(function, shapes, wanted, changed, how):
+    """Forward, then ``changed`` (argument indices) doubled in place under no_grad, then the
+    gradients of the ``wanted`` arguments: the gradients, or the error's message."""
+    args = [randn(*shape, seed=i).requires_grad_(i in wanted) for i, shape in enumerate(shapes)]
+    if how == "operator":
+        function = {F.bilinear: torch.ops.linmaps.bilinear, F.linear: torch.ops.linmaps.linear}.get(
+            function, function
+        )
+    out = function(*args)
+    with torch.no_grad():
+        for index in changed:
+            args[index].mul_(2)
+    try:
+        grads = torch.autograd.grad(
+            out.square().sum(), [args[i] for i in wanted], create_graph=how == "create_graph"
+        )
+    except RuntimeError as error:
+        assert INPLACE_ERROR in str(error)
+        return INPLACE_ERROR
+    return grads
+
+
+@pytest.mark.parametrize("how", ["eager", "create_graph", "operator"])
+@pytest.mark.parametrize("in1_in2", [(4, 5), (5, 4)])
+@pytest.mark.parametrize("changed", [(0,), (1,), (2,)])
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (2, 3), (0, 2)])
+def test_inplace_change_before_backward_as_in_torch(wanted, changed, in1_in2, how):
+    # PyTorch saves only what the wanted gradients read: an optimizer's in-place step on a
+    # weight whose gradient is wanted, but not read, is no error. linmaps' kept T (made from
+    # the wider input and the weight) must still be caught when the gradient that reads it is
+    # wanted: the same cases raise, the others give the same gradients.
+    in1, in2 = in1_in2
+    shapes = [(3, in1), (3, in2), (2, in1, in2), (2,)]
+    expected = backward_after_inplace_change(F.bilinear, shapes, wanted, changed, "eager")
+    ours = lt.bilinear if how != "operator" else F.bilinear
+    got = backward_after_inplace_change(ours, shapes, wanted, changed, how)
+    if expected == INPLACE_ERROR:
+        assert got == INPLACE_ERROR
+    else:
+        assert got != INPLACE_ERROR
+        for grad, grad_ref in zip(got, expected):
+            assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("how", ["eager", "create_graph", "operator"])
+@pytest.mark.parametrize("changed", [(0,), (1,)])
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (1, 2)])
+def test_inplace_change_before_linear_backward_as_in_torch(wanted, changed, how):
+    shapes = [(3, 4), (2, 4), (2,)]
+    expected = backward_after_inplace_change(F.linear, shapes, wanted, changed, "eager")
+    ours = lt.linear if how != "operator" else F.linear
+    got = backward_after_inplace_change(ours, shapes, wanted, changed, how)
+    if expected == INPLACE_ERROR:
+        assert got == INPLACE_ERROR
+    else:
+        assert got != INPLACE_ERROR
+        for grad, grad_ref in zip(got, expected):
+            assert_close(grad, grad_ref)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("module", ["Bilinear", "Linear"])
+def test_jit_trace_records_the_registered_operator(module):
+    torch.manual_seed(0)
+    layer = lt.Bilinear(5, 4, 3) if module == "Bilinear" else lt.Linear(5, 3)
+    reference = torch.nn.Bilinear(5, 4, 3) if module == "Bilinear" else torch.nn.Linear(5, 3)
+    reference.load_state_dict(layer.state_dict())
+    sizes = (5, 4) if module == "Bilinear" else (5,)
+    traced = torch.jit.trace(layer, tuple(randn(6, n, dtype=torch.float32) for n in sizes))
+    assert f"linmaps::{module.lower()}" in str(traced.graph)
+    # Another batch size, and gradients through the traced module.
+    inputs = [
+        randn(9, n, dtype=torch.float32, seed=i, requires_grad=True) for i, n in enumerate(sizes)
+    ]
+    out, grads = grads_of(traced, inputs, randn(9, 3, dtype=torch.float32, seed=7))
+    out_ref, grads_ref = grads_of(reference, inputs, randn(9, 3, dtype=torch.float32, seed=7))
+    assert_close(out, out_ref)
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert_close(grad, grad_ref)
+
+
 # ----------------------------------------------------------------------------- threads, packaging
 
 

@@ -23,6 +23,7 @@ bfloat16, integer or mixed dtypes, a broadcast bias, bad shapes) goes to PyTorch
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -1031,6 +1032,45 @@ def _kernel_tensors(*tensors) -> bool:
     return True
 
 
+def _linear_takes(input, weight, bias) -> bool:
+    return (
+        input.dim() >= 1
+        and weight.dim() == 2
+        and input.shape[-1] == weight.shape[1]
+        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+        and _kernel_tensors(input, weight, *(() if bias is None else (bias,)))
+    )
+
+
+def _bilinear_takes(input1, input2, weight, bias) -> bool:
+    return (
+        input1.dim() >= 1
+        and input1.shape[:-1] == input2.shape[:-1]
+        and input2.dim() == input1.dim()
+        and weight.dim() == 3
+        and input1.shape[-1] == weight.shape[1]
+        and input2.shape[-1] == weight.shape[2]
+        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+        and _kernel_tensors(input1, input2, weight, *(() if bias is None else (bias,)))
+    )
+
+
+def _linmaps_takes(takes, *args) -> bool:
+    """Whether linmaps computes the call (``takes``: its shapes, dtypes and devices), outside
+    CPU autocast, which computes in its own dtype and so needs PyTorch's operator.
+
+    Under torch.jit.trace the shapes read here are traced values, and PyTorch warns that
+    reading them makes the trace specific to them; a trace records the branch taken here as
+    it records the shapes, which is what a trace is, so the warnings are not passed on."""
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return takes(*args)
+    return takes(*args)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``input @ weight.T + bias``, as ``torch.nn.functional.linear``.
 
@@ -1048,14 +1088,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         ``torch.nn.functional.linear`` (which also raises PyTorch's errors for bad shapes).
         Differentiable to any order, in reverse and forward mode, and under torch.func.
     """
-    if (
-        input.dim() >= 1
-        and weight.dim() == 2
-        and input.shape[-1] == weight.shape[1]
-        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-        and _kernel_tensors(input, weight, *(() if bias is None else (bias,)))
-        and not torch.is_autocast_enabled("cpu")
-    ):
+    if _linmaps_takes(_linear_takes, input, weight, bias):
         layer = _layer(input, weight, bias)
         if layer == _KERNEL:
             return _linear_kernel(input, weight, bias)
@@ -1083,17 +1116,7 @@ def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Tensor | None
         ``torch.nn.functional.bilinear`` (which also raises PyTorch's errors for bad shapes).
         Differentiable to any order, in reverse and forward mode, and under torch.func.
     """
-    if (
-        input1.dim() >= 1
-        and input1.shape[:-1] == input2.shape[:-1]
-        and input2.dim() == input1.dim()
-        and weight.dim() == 3
-        and input1.shape[-1] == weight.shape[1]
-        and input2.shape[-1] == weight.shape[2]
-        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
-        and _kernel_tensors(input1, input2, weight, *(() if bias is None else (bias,)))
-        and not torch.is_autocast_enabled("cpu")
-    ):
+    if _linmaps_takes(_bilinear_takes, input1, input2, weight, bias):
         layer = _layer(input1, input2, weight, bias)
         if layer == _KERNEL:
             return _bilinear_kernel(input1, input2, weight, bias)

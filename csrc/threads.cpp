@@ -184,9 +184,20 @@ void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs, std::size_t j
 // threads were not forked (a parallel region hangs), so a child of a process that ever
 // started an OpenMP team computes on its calling thread; and the BLAS libraries get their
 // own threads back (OpenBLAS restarts its pool in the child by itself).
+//
+// The pool belongs to libgomp, not to linmaps: PyTorch's wheel and a source build of linmaps
+// share one libgomp, and so one pool, so after a single linmaps call in the parent PyTorch's
+// own parallel regions in the child (a matmul, AccumulateGrad) hang too. The forking thread's
+// nthreads-var ICV set to 1 makes every parallel region it starts without a num_threads
+// clause, which is how PyTorch's at::parallel_for and MKL open theirs, run on this thread
+// alone, as DataLoader workers do with torch.set_num_threads(1). Threads created in the child
+// start with the process default and a fresh pool of their own, which works.
 void after_fork_in_child() {
   if (g_state == nullptr || !g_state->team_started.load(std::memory_order_relaxed)) return;
   g_state->forked_child.store(true, std::memory_order_relaxed);
+#ifdef _OPENMP
+  omp_set_num_threads(1);
+#endif
   // No lock: the child has one thread, and the mutexes may have been held by a thread that
   // does not exist here.
   new (&g_state->blas_call_mutex) std::mutex();

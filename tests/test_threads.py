@@ -312,6 +312,31 @@ def test_multiprocessing_fork_pool_and_process():
     assert lines[2] == "exitcode 0"
 
 
+def test_fork_child_runs_other_openmp_regions_on_one_thread():
+    # The pool is libgomp's, shared by every library that uses the same libgomp (PyTorch's
+    # parallel regions after a linmaps call, tests/test_torch.py): the forking thread's
+    # OpenMP thread count is 1 in the child, so that their regions do not wait for threads
+    # that were not forked. The parent keeps its count.
+    out = run_script(
+        FORK_SETUP
+        + """
+    import ctypes
+    from linmaps import _threads
+    (runtime,) = _threads._loaded_openmp_runtimes()
+    omp = ctypes.CDLL(runtime)
+    pid = os.fork()
+    if pid == 0:
+        print("child", omp.omp_get_max_threads(), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("parent", omp.omp_get_max_threads())
+    """,
+        env={"OMP_NUM_THREADS": "2"},
+        timeout=60,
+    )
+    assert out.split() == ["child", "1", "parent", "2"]
+
+
 def test_fork_while_another_thread_is_inside_a_call():
     out = run_script(
         FORK_SETUP

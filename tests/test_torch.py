@@ -2,6 +2,7 @@
 opcheck, the modules against torch.nn, fallbacks, errors, modes, threads, torch.compile and a
 small training run against the all-PyTorch model. Skipped when torch is not installed."""
 
+import os
 import runpy
 import subprocess
 import sys
@@ -537,6 +538,60 @@ def test_linmaps_follows_torchs_thread_count_unless_set(monkeypatch):
     finally:
         torch.set_num_threads(before_torch)
         before_linmaps.set_num_threads(setting)
+
+
+FORK_AFTER_ONE_CALL = """
+import os, signal, time
+import torch
+import torch.nn.functional as F
+import linmaps.torch as lt
+from linmaps import _cpp_backend
+
+torch.set_num_threads(2)
+x1, x2 = torch.randn(256, 64), torch.randn(256, 64)
+w = torch.randn(32, 64, 64, requires_grad=True)
+lt.bilinear(x1, x2, w).sum().backward()  # the parent's only threaded work
+pid = os.fork()
+if pid == 0:
+    a = torch.randn(512, 512, requires_grad=True)
+    (a @ a).sum().backward()  # PyTorch's own parallel regions, and AccumulateGrad
+    x = torch.randn(256, 64, requires_grad=True)
+    z = lt.bilinear(x, x2, w.detach())
+    z.sum().backward()
+    same = torch.allclose(z, F.bilinear(x, x2, w.detach()), rtol=1e-4, atol=1e-3)
+    print("child", _cpp_backend._core.in_forked_child(), torch.get_num_threads(), same, flush=True)
+    os._exit(0)
+deadline = time.monotonic() + 60
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("status", status)
+        break
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("the child hung")
+        break
+    time.sleep(0.05)
+"""
+
+
+def test_forked_child_runs_torchs_own_threaded_ops_after_a_linmaps_call():
+    # One pool for both libraries (torch's libgomp): a forked child's parallel regions wait
+    # for threads that were not forked, PyTorch's too, unless the child runs them on one
+    # thread. The child is killed after 60 s, so a hang fails the test instead of hanging it.
+    if "cpp" not in linmaps.available_backends():
+        pytest.skip("the compiled backend is not available")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOMP_", "OMP_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_ONE_CALL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["child True 1 True", "status 0"], result.stderr
 
 
 def test_show_config_shows_the_torch_version(capsys):

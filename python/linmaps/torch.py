@@ -22,6 +22,7 @@ bfloat16, integer or mixed dtypes, a broadcast bias, bad shapes) goes to PyTorch
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Callable, NamedTuple, Optional
@@ -57,6 +58,28 @@ __all__ = ["Bilinear", "Linear", "bilinear", "linear"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- fork
+
+
+def _one_thread_in_forked_child() -> None:
+    """In a forked child of a process in which linmaps ran threads, PyTorch's CPU ops run on
+    one thread, as in DataLoader workers (which call torch.set_num_threads(1) themselves).
+
+    linmaps' threads are libgomp's pool, which PyTorch shares when both use one libgomp (a
+    source build of linmaps, or a linmaps wheel with torch imported first), and GNU libgomp
+    cannot use a pool in a forked child: PyTorch's parallel regions there (a matmul,
+    AccumulateGrad) would wait forever for threads that were not forked. linmaps' own
+    handler already caps the forking thread's OpenMP count and runs its own calls serially;
+    this also lowers the count torch keeps for MKL, which torch.set_num_threads(n) set
+    explicitly in the parent."""
+    core = getattr(_backend._cpp_backend, "_core", None)
+    if core is not None and core.in_forked_child():
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
 
 # ----------------------------------------------------------------------------- tensors <-> NumPy

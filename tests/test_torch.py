@@ -332,6 +332,29 @@ def test_mixed_dtypes_raise_torchs_own_error():
     assert str(got.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("zero", ["in1", "in2", "both"])
+def test_zero_size_features_give_the_empty_sum_where_torch_raises(zero):
+    # The accepted difference (docs/torch.md): PyTorch cannot reshape the 0 elements of an
+    # empty feature dimension and raises; the map with no features is the empty sum, plus
+    # the bias, and its gradients are zeros (inputs), empty (weight) and sum(g) (bias).
+    in1, in2 = (0 if zero in ("in1", "both") else 4), (0 if zero in ("in2", "both") else 5)
+    x1 = randn(3, in1, requires_grad=True)
+    x2 = randn(3, in2, seed=1, requires_grad=True)
+    weight, bias = randn(2, in1, in2, seed=2, requires_grad=True), randn(2, seed=3)
+    bias.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements"):
+        F.bilinear(x1, x2, weight, bias)
+    z = lt.bilinear(x1, x2, weight, bias)
+    assert ran_linmaps(z)
+    assert torch.equal(z, bias.detach().expand(3, 2))
+    g = randn(3, 2, seed=4)
+    grads = torch.autograd.grad(z, (x1, x2, weight, bias), g)
+    assert torch.equal(grads[0], torch.zeros(3, in1, dtype=torch.float64))
+    assert torch.equal(grads[1], torch.zeros(3, in2, dtype=torch.float64))
+    assert grads[2].shape == (2, in1, in2)
+    assert_close(grads[3], g.sum(0))
+
+
 # ----------------------------------------------------------------------------- modes, modules
 
 

@@ -150,6 +150,19 @@ def test_vmap_runs_the_batch_in_few_kernel_calls(name, calls, kernel_calls):
     assert dict(kernel_calls) == calls
 
 
+def test_vmap_over_an_empty_batch(kernel_calls):
+    # PyTorch's own batching fallback refuses a batch of size 0; a batch that loops over its
+    # entries (input and weight both batched) gives the empty result and its gradients.
+    t = tensors()
+    x1s, ws = t.x1s[:0], t.ws[:0]
+    z = vmap(lambda a, w: lt.bilinear(a, t.x2, w, t.b))(x1s, ws)
+    assert z.shape == (0, 3, 2)
+    assert vmap(lambda a, w: lt.linear(a, w, t.b))(x1s, t.wls[:0]).shape == (0, 3, 2)
+    grads = vmap(grad(lambda a, w: lt.bilinear(a, t.x2, w, t.b).sum(), argnums=(0, 1)))(x1s, ws)
+    assert [g.shape for g in grads] == [(0, 3, 4), (0, 2, 4, 5)]
+    assert kernel_calls["bilinear_backward"] > 0
+
+
 # ----------------------------------------------------------------------------- forward-mode AD
 
 

@@ -7,17 +7,21 @@ linmaps' kernels for CPU float32/float64 tensors (``docs/torch.md``).
     layer = lt.Bilinear(32, 16, 8)        # a torch.nn.Bilinear whose forward uses linmaps
     z = lt.bilinear(x1, x2, weight, bias)  # like torch.nn.functional.bilinear
 
-The arithmetic is four operators registered with ``torch.library.custom_op``:
-``linmaps::linear``, ``linmaps::linear_backward``, ``linmaps::bilinear`` and
-``linmaps::bilinear_backward``, each with a fake (meta) implementation for ``torch.compile`` and
-an autograd formula. The backward operators are differentiable themselves (their derivatives
-are again linear and bilinear maps), so gradients of any order work.
-
-The functions send to these operators only what linmaps' kernels compute exactly as PyTorch
-would: strided CPU tensors, all float32 or all float64, shapes PyTorch accepts without
-broadcasting, outside CPU autocast. Everything else (CUDA and other devices, float16,
-bfloat16, integer or mixed dtypes, a broadcast bias, bad shapes) goes to PyTorch's own
+linmaps computes only what its kernels compute exactly as PyTorch would: strided CPU
+tensors, all float32 or all float64, shapes PyTorch accepts without broadcasting, outside CPU
+autocast. Everything else (CUDA and other devices, float16, bfloat16, integer, complex or
+mixed dtypes, a broadcast bias, bad shapes) goes to PyTorch's own
 ``torch.nn.functional.linear``/``bilinear``, which computes it or raises its own error.
+
+What linmaps computes runs on one of four layers (``_layer``): the kernels directly when no
+gradient is recorded; autograd.Functions with backward and jvp formulas and vmap rules for
+autograd, forward-mode AD and torch.func transforms (the bilinear one of plain autograd also
+keeps linmaps' intermediate T for its backward); and the operators registered with
+``torch.library.custom_op`` (``linmaps::linear``, ``linmaps::linear_backward``,
+``linmaps::bilinear``, ``linmaps::bilinear_backward``, each with a fake implementation, the
+same autograd formulas and batching rules) for torch.compile, torch.jit.trace and tensor
+subclasses. The backward of a linear or bilinear map is again made of linear and bilinear
+maps, and differentiable itself, so gradients of any order, in either mode, work.
 """
 
 from __future__ import annotations
@@ -226,8 +230,9 @@ def _save_for_forward_if_needed(ctx, *tensors) -> None:
 
 
 def _needs(ctx, count: int) -> tuple:
-    needs = getattr(ctx, "needs_input_grad", None)
-    return (True,) * count if needs is None else tuple(needs[:count])
+    """Which of the first ``count`` inputs need a gradient (a registered operator's ctx has
+    one more entry, PyTorch's own, while its forward runs)."""
+    return tuple(ctx.needs_input_grad[:count])
 
 
 # ----------------------------------------------------------------------------- differentiable calls
@@ -266,10 +271,15 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.shapes = (input.shape, weight.shape)
     # Only what the wanted gradients read, as PyTorch saves: grad_input = g W reads the
-    # weight, grad_weight = g^T x the input. The other is a stand-in of its shape in the
-    # backward, so that an in-place change of it (say, an optimizer's step on a weight whose
-    # gradient is not wanted) is not an error, as in PyTorch.
-    ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+    # weight, grad_weight = g^T x the input. The backward gets a stand-in of the other's
+    # shape, so that an in-place change of it between forward and backward (an optimizer's
+    # step on a weight whose gradient alone is wanted) is no error, as in PyTorch. Under
+    # torch.compile the compiled graph keeps its inputs anyway: all are saved, which spares
+    # the compiled backward a stand-in's zeros.
+    every = torch.compiler.is_compiling()
+    ctx.save_for_backward(
+        input if (need_weight or every) else None, weight if (need_input or every) else None
+    )
     _save_for_forward_if_needed(ctx, input, weight)
 
 
@@ -401,12 +411,14 @@ def _bilinear_setup_context(ctx, inputs, output):
     need_input1, need_input2, need_weight, _ = _needs(ctx, 4)
     ctx.has_bias = bias is not None
     ctx.shapes = (input1.shape, input2.shape, weight.shape)
-    # Only what the wanted gradients read, as PyTorch saves: grad_input1 reads input2 and the
-    # weight, grad_input2 input1 and the weight, grad_weight the two inputs.
+    # Only what the wanted gradients read, as PyTorch saves (see _linear_setup_context):
+    # grad_input1 reads input2 and the weight, grad_input2 input1 and the weight, grad_weight
+    # the two inputs.
+    every = torch.compiler.is_compiling()
     ctx.save_for_backward(
-        input1 if (need_input2 or need_weight) else None,
-        input2 if (need_input1 or need_weight) else None,
-        weight if (need_input1 or need_input2) else None,
+        input1 if (need_input2 or need_weight or every) else None,
+        input2 if (need_input1 or need_weight or every) else None,
+        weight if (need_input1 or need_input2 or every) else None,
     )
     _save_for_forward_if_needed(ctx, input1, input2, weight)
 
@@ -566,20 +578,28 @@ def _to_front(tensor, dim, batch_size):
     return tensor.movedim(dim, 0)
 
 
-def _entry(tensor, dim, index):
-    return tensor if dim is None else tensor.select(dim, index)
-
-
 def _loop(function, batch_size, args, in_dims):
-    """``function`` on each batch entry, results stacked on dimension 0 (None stays None)."""
-    results = [
-        function(*(_entry(a, d, b) if isinstance(a, Tensor) else a for a, d in zip(args, in_dims)))
-        for b in range(batch_size)
-    ]
+    """``function`` on each batch entry, results stacked on dimension 0 (None stays None).
+    An empty batch runs ``function`` once on zeros of an entry's shape, for the shapes."""
+
+    def entries(b):
+        for a, d in zip(args, in_dims):
+            if not isinstance(a, Tensor) or d is None:
+                yield a
+            elif batch_size == 0:
+                yield a.new_zeros(a.shape[:d] + a.shape[d + 1 :])
+            else:
+                yield a.select(d, b)
+
+    results = [function(*entries(b)) for b in range(max(batch_size, 1))]
+
+    def stack(parts):
+        return torch.stack(parts) if batch_size else parts[0].unsqueeze(0)[:0]
+
     if isinstance(results[0], tuple):
-        stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*results))
+        stacked = tuple(None if parts[0] is None else stack(parts) for parts in zip(*results))
         return stacked, tuple(None if s is None else 0 for s in stacked)
-    return torch.stack(results), 0
+    return stack(results), 0
 
 
 def _add_batched_bias(out, out_dim, bias, bias_dim, batch_size):

@@ -1047,17 +1047,22 @@ def _bilinear_backward_op_vmap(info, in_dims, grad, *args):
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
-_linear_op.register_vmap(_linear_op_vmap)
 _linear_backward_op.register_autograd(
     _linear_double_backward, setup_context=_linear_backward_setup_context
 )
-_linear_backward_op.register_vmap(_linear_backward_op_vmap)
 _bilinear_op.register_autograd(_bilinear_backward, setup_context=_bilinear_setup_context)
-_bilinear_op.register_vmap(_bilinear_op_vmap)
 _bilinear_backward_op.register_autograd(
     _bilinear_double_backward, setup_context=_bilinear_backward_setup_context
 )
-_bilinear_backward_op.register_vmap(_bilinear_backward_op_vmap)
+
+# register_vmap is newer than custom_op itself: under a torch whose operators lack it, vmap of
+# the operators themselves uses PyTorch's fallback (the Functions that lt.linear/lt.bilinear
+# use have their rules in every version).
+if hasattr(_linear_op, "register_vmap"):
+    _linear_op.register_vmap(_linear_op_vmap)
+    _linear_backward_op.register_vmap(_linear_backward_op_vmap)
+    _bilinear_op.register_vmap(_bilinear_op_vmap)
+    _bilinear_backward_op.register_vmap(_bilinear_backward_op_vmap)
 
 
 # ----------------------------------------------------------------------------- public functions

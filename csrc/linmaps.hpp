@@ -168,25 +168,19 @@ inline bool poll_python_signals() {
 }
 
 // One kernel call from Python, around the GIL-free compute: lets the kernels stop early for a
-// KeyboardInterrupt (detail::CallStop; calls from the main thread only), and frees the
-// calling thread's oversized scratch afterwards (detail::trim_thread_scratch).
+// KeyboardInterrupt (detail::CallStop; calls from the main thread only), gives the call its
+// own level of the calling thread's scratch and frees what it grew too large afterwards
+// (detail::CallerState). A Python signal handler that the poll runs may call linmaps again, on
+// this thread, in the middle of this call: that call gets a CallScope of its own, and this
+// one's state is restored when it ends.
 class CallScope {
  public:
   // A call under kSerialFlops takes microseconds and its scratch is small: no poll, no trim.
   explicit CallScope(double flops)
-      : active_(flops >= detail::kSerialFlops),
-        stop_(active_ && PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals
-                                                                            : nullptr) {
-    if (!active_) return;
-    detail::t_call_stop = &stop_;
-    detail::t_is_caller = true;
-  }
-  ~CallScope() {
-    if (!active_) return;
-    detail::t_call_stop = nullptr;
-    detail::t_is_caller = false;
-    detail::trim_thread_scratch();
-  }
+      : stop_(flops >= detail::kSerialFlops && PyThread_get_thread_ident() == g_main_thread_ident
+                  ? &poll_python_signals
+                  : nullptr),
+        caller_(flops >= detail::kSerialFlops ? &stop_ : nullptr, flops >= detail::kSerialFlops) {}
   CallScope(const CallScope&) = delete;
   CallScope& operator=(const CallScope&) = delete;
 
@@ -197,8 +191,8 @@ class CallScope {
   }
 
  private:
-  bool active_;
   detail::CallStop stop_;
+  detail::CallerState caller_;
 };
 
 // Calls under this many flops keep the GIL: they take about a microsecond, about what

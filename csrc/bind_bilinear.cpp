@@ -5,6 +5,7 @@ namespace linmaps {
 namespace {
 
 using binding::new_array;
+using binding::require_aligned;
 using binding::require_ndim;
 using binding::require_shape;
 
@@ -16,14 +17,18 @@ BilinearShape bilinear_shape(const Array<T>& x1, const Array<T>& x2, const Array
                             weight.shape(0)};
   require_shape(x2, "x2", {shape.batch, shape.in2});
   require_shape(weight, "weight", {shape.out, shape.in1, shape.in2});
+  require_aligned(x1, "x1");
+  require_aligned(x2, "x2");
+  require_aligned(weight, "weight");
   return shape;
 }
 
-// Throws ValueError unless `kept` is a 1-D buffer large enough for the T of this shape.
+// Throws ValueError unless `kept` is an aligned 1-D buffer large enough for the T of this shape.
 template <class T>
 void require_kept(const std::optional<Array<T>>& kept, const BilinearShape& shape) {
   if (!kept) return;
   require_ndim(*kept, "kept", 1);
+  require_aligned(*kept, "kept");
   const Index needed = bilinear_kept_elements<T>(shape);
   if (kept->shape(0) < needed) {
     throw std::invalid_argument("kept must have at least " + std::to_string(needed) +
@@ -36,6 +41,7 @@ Array<T> bilinear_forward_py(const Array<T>& x1, const Array<T>& x2, const Array
                              const std::optional<Array<T>>& bias, std::optional<Array<T>> kept) {
   const BilinearShape shape = bilinear_shape(x1, x2, weight);
   if (bias) require_shape(*bias, "bias", {shape.out});
+  if (bias) require_aligned(*bias, "bias");
   require_kept(kept, shape);
   T* kept_data = kept ? kept->mutable_data() : nullptr;
 
@@ -65,6 +71,7 @@ py::tuple run_bilinear_backward(const Array<T>& grad, const Array<T>& x1, const 
                                 T* acc_weight = nullptr, T* acc_bias = nullptr) {
   const BilinearShape shape = bilinear_shape(x1, x2, weight);
   require_shape(grad, "grad", {shape.batch, shape.out});
+  require_aligned(grad, "grad");
   require_kept(kept, shape);
   const T* kept_data = kept ? kept->data() : nullptr;
   const bool accumulate = acc_weight != nullptr || acc_bias != nullptr;

@@ -5,6 +5,7 @@ namespace linmaps {
 namespace {
 
 using binding::new_array;
+using binding::require_aligned;
 using binding::require_ndim;
 using binding::require_shape;
 
@@ -16,6 +17,9 @@ Array<T> linear_forward_py(const Array<T>& x, const Array<T>& weight,
   const LinearShape shape{x.shape(0), x.shape(1), weight.shape(0)};
   require_shape(weight, "weight", {shape.out, shape.in});
   if (bias) require_shape(*bias, "bias", {shape.out});
+  require_aligned(x, "x");
+  require_aligned(weight, "weight");
+  if (bias) require_aligned(*bias, "bias");
 
   Array<T> y = new_array<T>({shape.batch, shape.out});
   const T* bias_data = bias ? bias->data() : nullptr;
@@ -40,6 +44,9 @@ py::tuple linear_backward_py(const Array<T>& grad, const Array<T>& x, const Arra
   const LinearShape shape{x.shape(0), x.shape(1), weight.shape(0)};
   require_shape(weight, "weight", {shape.out, shape.in});
   require_shape(grad, "grad", {shape.batch, shape.out});
+  require_aligned(grad, "grad");
+  require_aligned(x, "x");
+  require_aligned(weight, "weight");
 
   binding::Gradient<T> grad_x(need_x, {shape.batch, shape.in});
   binding::Gradient<T> grad_weight(need_weight, {shape.out, shape.in});

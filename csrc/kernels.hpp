@@ -16,10 +16,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <ctime>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -270,11 +272,17 @@ struct CallStop {
   }
 };
 
-// The CallStop of the call the current thread works for (the calling thread's is set by the
-// binding, the workers' by parallel_for for the length of their part), and whether the
+// The CallStop of the call the current thread works for (the calling thread's is set by
+// CallerState, the workers' by parallel_for for the length of their part), and whether the
 // current thread is the calling thread (the one that may poll).
 inline thread_local CallStop* t_call_stop = nullptr;
 inline thread_local bool t_is_caller = false;
+// Calls running on the current thread as their calling thread (CallerState): more than one
+// when a call starts in the middle of another on the same thread. That happens: the poll runs
+// Python's signal handlers (PyErr_CheckSignals), and a handler may call linmaps. Each such
+// level has its own scratch (thread_scratch), since the interrupted call still uses its own,
+// and so may the other threads of its team (the shared packed operands).
+inline thread_local int t_call_depth = 0;
 
 // Whether the current call should stop; on the calling thread, also polls when it is time.
 inline bool stop_requested() {
@@ -313,10 +321,14 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
   CallStop* const call_stop = t_call_stop;
   std::exception_ptr error;
   std::atomic<bool> failed{false};
+  // Inside another call's parallel region (a call made by a signal handler that the poll ran on
+  // thread 0, see t_call_depth) this region is nested: OpenMP gives it one thread unless nested
+  // parallelism was enabled, which changes no result (see the top of this file).
 #pragma omp parallel num_threads(team)
   {
     // The encountering (calling) thread is thread 0 and keeps its own state.
     const bool worker = worker_id() != 0;
+    CallStop* const worker_stop = t_call_stop;
     if (worker) t_call_stop = call_stop;
 #pragma omp for schedule(dynamic, 1)
     for (Index task = 0; task < num_tasks; ++task) {
@@ -331,7 +343,7 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
         failed.store(true, std::memory_order_relaxed);
       }
     }
-    if (worker) t_call_stop = nullptr;
+    if (worker) t_call_stop = worker_stop;
   }
   if (error) std::rethrow_exception(error);
 }
@@ -362,20 +374,31 @@ constexpr int kSharedLhsSlot = 3;
 constexpr int kSecondSharedLhsSlot = 4;
 constexpr int kScratchSlots = 5;
 
-// What a thread keeps of one scratch slot between calls (trim_thread_scratch): the blocks of
+// What a thread keeps of one scratch slot between calls (CallerState): the blocks of
 // the kernels stay far below this; only a shared packed operand of a very large weight
 // (PackedLhsProduct) goes above it, and that is freed when the call ends.
 constexpr Index kKeptScratchBytes = Index(16) << 20;
 
+// The scratch of the current thread at `level`: level 0 for a worker and for a call that
+// no other call on its thread has interrupted; level d for a call made in the middle of d
+// others on the same thread (t_call_depth), which must not touch theirs.
 template <class T>
-Buffer<T>* scratch_slots() {
-  thread_local Buffer<T> slots[kScratchSlots];
-  return slots;
+Buffer<T>* scratch_slots(int level) {
+  thread_local Buffer<T> outermost[kScratchSlots];
+  if (level == 0) return outermost;
+  // Each set at a fixed address (a growing vector moves only the pointers).
+  thread_local std::vector<std::unique_ptr<Buffer<T>[]>> nested;
+  if (nested.size() < static_cast<std::size_t>(level)) nested.resize(level);
+  std::unique_ptr<Buffer<T>[]>& slots = nested[level - 1];
+  if (!slots) slots.reset(new Buffer<T>[kScratchSlots]);
+  return slots.get();
 }
+
+inline int scratch_level() { return t_call_depth > 1 ? t_call_depth - 1 : 0; }
 
 template <class T>
 T* thread_scratch(int slot, Index elements) {
-  Buffer<T>& buffer = scratch_slots<T>()[slot];
+  Buffer<T>& buffer = scratch_slots<T>(scratch_level())[slot];
   if (buffer.size() < elements) {
     buffer.resize(0);  // free first: never hold both the old and the new buffer
     buffer.resize(elements);
@@ -383,16 +406,50 @@ T* thread_scratch(int slot, Index elements) {
   return buffer.data();
 }
 
-// Frees the calling thread's scratch slots larger than kKeptScratchBytes (run by the
-// binding layer after every call, on the calling thread, which holds the shared operands).
-inline void trim_thread_scratch() {
+// Frees the current thread's scratch slots at `level` that are larger than `keep` bytes.
+inline void trim_thread_scratch(int level, Index keep) {
   for (int slot = 0; slot < kScratchSlots; ++slot) {
-    Buffer<float>& f = scratch_slots<float>()[slot];
-    if (f.size() * Index(sizeof(float)) > kKeptScratchBytes) f.resize(0);
-    Buffer<double>& d = scratch_slots<double>()[slot];
-    if (d.size() * Index(sizeof(double)) > kKeptScratchBytes) d.resize(0);
+    Buffer<float>& f = scratch_slots<float>(level)[slot];
+    if (f.size() * Index(sizeof(float)) > keep) f.resize(0);
+    Buffer<double>& d = scratch_slots<double>(level)[slot];
+    if (d.size() * Index(sizeof(double)) > keep) d.resize(0);
   }
 }
+
+// The calling thread's part of one call, for the length of the call: its CallStop (null: the
+// call neither polls nor can be stopped) and its own level of scratch. It puts everything back
+// as it found it when it ends, so that a call made in the middle of another on the same thread
+// (see t_call_depth) leaves the interrupted call's state intact: its stop (without which that
+// call would never poll again, and a Ctrl-C would wait for its end) and its scratch.
+class CallerState {
+ public:
+  // trim: free the thread's oversized scratch (above kKeptScratchBytes) when the call ends;
+  // the scratch of a nested call is freed whole (such calls are rare).
+  CallerState(CallStop* stop, bool trim)
+      : trim_(trim), saved_stop_(t_call_stop), saved_is_caller_(t_is_caller) {
+    t_call_stop = stop;
+    t_is_caller = stop != nullptr;
+    ++t_call_depth;
+  }
+  ~CallerState() {
+    const int level = scratch_level();
+    if (level > 0) {
+      trim_thread_scratch(level, 0);
+    } else if (trim_) {
+      trim_thread_scratch(0, kKeptScratchBytes);
+    }
+    --t_call_depth;
+    t_call_stop = saved_stop_;
+    t_is_caller = saved_is_caller_;
+  }
+  CallerState(const CallerState&) = delete;
+  CallerState& operator=(const CallerState&) = delete;
+
+ private:
+  bool trim_;
+  CallStop* saved_stop_;
+  bool saved_is_caller_;
+};
 
 // A block of `elements` per worker in slot `slot` (kBlockSlot or kSecondBlockSlot) of the
 // thread that runs the task: `space[worker]` is called inside a task and returns that

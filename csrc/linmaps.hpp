@@ -74,15 +74,34 @@ Array<T> new_array(std::initializer_list<Index> shape) {
   return Array<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
 
+// Whether the data of `array` is aligned to its element size (NumPy's ALIGNED flag). An array
+// can be without: np.frombuffer at an odd offset, or one unpickled from a byte stream (a
+// dask.distributed worker's). Reading or writing one as T is undefined behaviour, so no such
+// array reaches a kernel: the front end copies it first (_validation.contiguous).
+inline bool aligned(const py::array& array) {
+  return py::detail::array_proxy(array.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+}
+
+// Throws std::invalid_argument (ValueError) if `array` is not aligned (see aligned).
+inline void require_aligned(const py::array& array, const char* name) {
+  if (!aligned(array)) {
+    throw std::invalid_argument(std::string(name) +
+                                " is not aligned to its element size; pass an aligned copy");
+  }
+}
+
 // Whether `h` is exactly a numpy.ndarray (no subclass) of dtype T in native byte order,
-// C-contiguous, with `ndim` dimensions: what the validated front end would pass unchanged.
+// C-contiguous and aligned, with `ndim` dimensions: what the validated front end would pass
+// unchanged.
 template <class T>
 bool exact_array(py::handle h, py::ssize_t ndim) {
   auto& api = py::detail::npy_api::get();
   if (Py_TYPE(h.ptr()) != api.PyArray_Type_) return false;
   const auto* proxy = py::detail::array_proxy(h.ptr());
   if (proxy->nd != ndim) return false;
-  if (!(proxy->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) return false;
+  constexpr int kLayout =
+      py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_ | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+  if ((proxy->flags & kLayout) != kLayout) return false;
   const auto* descr = py::detail::array_descriptor_proxy(proxy->descr);
   return descr->type_num == py::detail::npy_format_descriptor<T>::value && descr->byteorder != '>';
 }
@@ -168,25 +187,19 @@ inline bool poll_python_signals() {
 }
 
 // One kernel call from Python, around the GIL-free compute: lets the kernels stop early for a
-// KeyboardInterrupt (detail::CallStop; calls from the main thread only), and frees the
-// calling thread's oversized scratch afterwards (detail::trim_thread_scratch).
+// KeyboardInterrupt (detail::CallStop; calls from the main thread only), gives the call its
+// own level of the calling thread's scratch and frees what it grew too large afterwards
+// (detail::CallerState). A Python signal handler that the poll runs may call linmaps again, on
+// this thread, in the middle of this call: that call gets a CallScope of its own, and this
+// one's state is restored when it ends.
 class CallScope {
  public:
   // A call under kSerialFlops takes microseconds and its scratch is small: no poll, no trim.
   explicit CallScope(double flops)
-      : active_(flops >= detail::kSerialFlops),
-        stop_(active_ && PyThread_get_thread_ident() == g_main_thread_ident ? &poll_python_signals
-                                                                            : nullptr) {
-    if (!active_) return;
-    detail::t_call_stop = &stop_;
-    detail::t_is_caller = true;
-  }
-  ~CallScope() {
-    if (!active_) return;
-    detail::t_call_stop = nullptr;
-    detail::t_is_caller = false;
-    detail::trim_thread_scratch();
-  }
+      : stop_(flops >= detail::kSerialFlops && PyThread_get_thread_ident() == g_main_thread_ident
+                  ? &poll_python_signals
+                  : nullptr),
+        caller_(flops >= detail::kSerialFlops ? &stop_ : nullptr, flops >= detail::kSerialFlops) {}
   CallScope(const CallScope&) = delete;
   CallScope& operator=(const CallScope&) = delete;
 
@@ -197,8 +210,8 @@ class CallScope {
   }
 
  private:
-  bool active_;
   detail::CallStop stop_;
+  detail::CallerState caller_;
 };
 
 // Calls under this many flops keep the GIL: they take about a microsecond, about what

@@ -1,5 +1,7 @@
 """dtype promotion, memory layouts, zero-sized dimensions, IEEE specials, input immutability."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -283,3 +285,121 @@ def test_float16_results_out_of_range_are_inf_without_a_warning(backend, errors)
     # Each function overflowed somewhere (only the bias gradients are in range).
     overflowed = [bool(np.isinf(r).any()) for r in results]
     assert overflowed == [True, True, True, True, False, True, True, True, False]
+
+
+# ----------------------------------------------------------------------------- unaligned data
+
+
+def through_pickle_unaligned(obj):
+    """``obj`` pickled with its arrays' data out of band and unpickled from buffers that start
+    one byte past an aligned address: arrays whose data is not aligned to their element size,
+    as a dask.distributed worker gets them from the network (or ``np.frombuffer`` at an odd
+    offset gives them)."""
+    buffers = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    moved = []
+    for buffer in buffers:
+        raw = buffer.raw()
+        shifted = bytearray(raw.nbytes + 1)
+        shifted[1:] = raw
+        moved.append(memoryview(shifted)[1:])
+    return pickle.loads(data, buffers=moved)
+
+
+def unaligned(a):
+    u = through_pickle_unaligned(a)
+    assert not u.flags.aligned and u.flags.c_contiguous and u.flags.writeable
+    np.testing.assert_array_equal(u, a)
+    return u
+
+
+def every_function(x1, x2, w, b, g, x, wl, bl, gl):
+    """The results of every public function, the context ones included, as a flat list."""
+    z, ctx = linmaps.bilinear_with_context(x1, x2, w, b)
+    return [
+        linmaps.bilinear(x1, x2, w, b),
+        *linmaps.bilinear_backward(g, x1, x2, w),
+        z,
+        *linmaps.bilinear_backward(g, context=ctx),
+        linmaps.linear(x, wl, bl),
+        *linmaps.linear_backward(gl, x, wl),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_unaligned_arrays_give_the_aligned_result(backend, dtype):
+    # The compiled kernels never see unaligned data (reading it is undefined behaviour): such
+    # arrays are copied, and the result is bit for bit that of aligned arrays. Every argument
+    # unaligned at once, then each alone (the compiled fast paths check the arguments in turn).
+    # Shapes large enough for threads and for the linear map's shared packed operand; the
+    # linear input has a leading batch dimension.
+    x1, x2, w, b = (a.astype(dtype) for a in bilinear_args(300, 12, 10, 6))
+    g = rng.standard_normal((300, 6)).astype(dtype)
+    x = rng.standard_normal((2, 150, 40)).astype(dtype)
+    wl, bl = rng.standard_normal((60, 40)).astype(dtype), rng.standard_normal(60).astype(dtype)
+    gl = rng.standard_normal((2, 150, 60)).astype(dtype)
+    args = [x1, x2, w, b, g, x, wl, bl, gl]
+    expected = every_function(*args)
+    variants = [[unaligned(a) for a in args]]
+    variants += [[*args[:i], unaligned(args[i]), *args[i + 1 :]] for i in range(len(args))]
+    for variant in variants:
+        got = every_function(*variant)
+        for result, want in zip(got, expected):
+            assert result.dtype == np.dtype(dtype) and result.flags.aligned
+            np.testing.assert_array_equal(result, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_unaligned_kept_intermediate_is_not_used(backend, dtype):
+    # Where a context keeps T depends on its buffer's address; a buffer that is not aligned
+    # (as an unpickled one would be) is neither read nor reused: T is computed again, with the
+    # same bits.
+    x1, x2, w, _ = (a.astype(dtype) for a in bilinear_args(300, 12, 10, 6))
+    g = rng.standard_normal((300, 6)).astype(dtype)
+    z, ctx = linmaps.bilinear_with_context(x1, x2, w)
+    assert ctx.kept_bytes > 0
+    expected = linmaps.bilinear_backward(g, context=ctx)
+    ctx._kept = unaligned(ctx._kept)
+    for got, want in zip(linmaps.bilinear_backward(g, context=ctx), expected):
+        np.testing.assert_array_equal(got, want)
+    z2, ctx2 = linmaps.bilinear_with_context(x1, x2, w, reuse=ctx)
+    assert ctx2._kept.flags.aligned
+    np.testing.assert_array_equal(z2, z)
+    for got, want in zip(linmaps.bilinear_backward(g, context=ctx2), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("copy_inputs", [True, False])
+@pytest.mark.parametrize("kind", ["Linear", "Bilinear"])
+def test_layers_with_unaligned_arrays_match_aligned_ones(backend, kind, copy_inputs, dtype):
+    # A layer unpickled from a byte stream has unaligned parameters and gradient accumulators,
+    # which its backward adds to; its inputs and gradients may be unaligned too. Two training
+    # steps on such a layer match those of the same layer with aligned arrays, bit for bit:
+    # outputs, input gradients and accumulated parameter gradients.
+    if kind == "Linear":
+        fresh = linmaps.Linear(40, 60, dtype=dtype, seed=0, copy_inputs=copy_inputs)
+        inputs = [rng.standard_normal((2, 150, 40)).astype(dtype)]
+        grad_out = rng.standard_normal((2, 150, 60)).astype(dtype)
+    else:
+        fresh = linmaps.Bilinear(12, 10, 6, dtype=dtype, seed=0, copy_inputs=copy_inputs)
+        inputs = [rng.standard_normal((300, n)).astype(dtype) for n in (12, 10)]
+        grad_out = rng.standard_normal((300, 6)).astype(dtype)
+    for grad in fresh.gradients():
+        grad[...] = 0.25
+    layer = through_pickle_unaligned(fresh)
+    assert not any(a.flags.aligned for a in layer.parameters() + layer.gradients())
+    for _ in range(2):
+        expected_out = fresh(*inputs)
+        expected_grads = fresh.backward(grad_out)
+        out = layer(*(unaligned(a) for a in inputs))
+        if getattr(layer, "_kept", None) is not None:
+            layer._kept = unaligned(layer._kept)  # and a kept T, read by backward, reused next
+        grads = layer.backward(unaligned(grad_out))
+        np.testing.assert_array_equal(out, expected_out)
+        if kind == "Linear":  # one input gradient, not a tuple
+            grads, expected_grads = (grads,), (expected_grads,)
+        got, want = [*grads, *layer.gradients()], [*expected_grads, *fresh.gradients()]
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)

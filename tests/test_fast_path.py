@@ -33,6 +33,14 @@ def test_fast_path_bit_identical(dtype, with_bias, monkeypatch):
     assert np.array_equal(via_api.view(np.uint8), slow.view(np.uint8))
 
 
+def _unaligned(a):
+    """A copy of ``a`` whose data starts one byte past an aligned address."""
+    u = np.empty(a.nbytes + 1, np.uint8)[1:].view(a.dtype).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned
+    return u
+
+
 def _declined():
     x1, x2, w, b = _args(np.float32)
     yield "list input", (x1.tolist(), x2, w, b)
@@ -50,6 +58,9 @@ def _declined():
     yield "bias 0-d", (x1, x2, w, b[0])
     yield "bias list", (x1, x2, w, b.tolist())
     yield "bias dtype", (x1, x2, w, b.astype(np.float64))
+    yield "unaligned input", (_unaligned(x1), x2, w, b)
+    yield "unaligned weight", (x1, x2, _unaligned(w), b)
+    yield "unaligned bias", (x1, x2, w, _unaligned(b))
 
 
 @pytest.mark.parametrize("name,args", list(_declined()), ids=[n for n, _ in _declined()])
@@ -111,6 +122,9 @@ def _linear_declined():
     yield "feature mismatch", (x[:, :4], w, b)
     yield "bias length", (x, w, b[:1])
     yield "bias dtype", (x, w, b.astype(np.float64))
+    yield "unaligned input", (_unaligned(x), w, b)
+    yield "unaligned weight", (x, _unaligned(w), b)
+    yield "unaligned bias", (x, w, _unaligned(b))
 
 
 @pytest.mark.parametrize(
@@ -118,3 +132,51 @@ def _linear_declined():
 )
 def test_linear_fast_path_declines(name, args):
     assert _backend.fast_core.linear_forward_fast(*args) is None
+
+
+def test_unaligned_arrays_take_the_validated_path_and_never_reach_a_kernel():
+    # Every fast path declines an array whose data is not aligned to its element size (the
+    # validated path copies it), including the arrays a call writes into: a layer's gradient
+    # accumulators and the buffer a forward keeps T in. The kernels' own entry points refuse
+    # one with a ValueError rather than read it.
+    core = _backend.fast_core
+    x1, x2, w, b = _args(np.float32, n=6)
+    g = np.ones((6, 2), np.float32)
+    acc_w, acc_b = np.zeros_like(w), np.zeros_like(b)
+    kept = np.empty(core.bilinear_kept_elements(6, 4, 5, 2, 4), np.float32)
+    assert core.bilinear_backward_fast(g, x1, x2, w, True, True, True, True) is not None
+    assert core.bilinear_backward_fast(_unaligned(g), x1, x2, w, True, True, True, True) is None
+    assert (
+        core.bilinear_backward_fast(g, x1, x2, w, True, True, True, True, _unaligned(kept)) is None
+    )
+    assert (
+        core.bilinear_layer_backward_fast(g, x1, x2, w, None, True, True, acc_w, acc_b) is not None
+    )
+    for acc in ((_unaligned(acc_w), acc_b), (acc_w, _unaligned(acc_b))):
+        assert core.bilinear_layer_backward_fast(g, x1, x2, w, None, True, True, *acc) is None
+    # A forward given an unaligned buffer to reuse keeps T in a new one.
+    result = core.bilinear_layer_forward_fast(x1, x2, w, b, _unaligned(kept), 1 << 20, False)
+    assert result[3].flags.aligned and result[3].size >= kept.size
+    np.testing.assert_array_equal(result[0], linmaps.bilinear(x1, x2, w, b))
+
+    x, wl, bl = _linear_args(np.float32)
+    gl = np.ones((3, 4), np.float32)
+    assert core.linear_backward_fast(_unaligned(gl), x, wl, True, True, True) is None
+    accs = (np.zeros_like(wl), np.zeros_like(bl))
+    assert core.linear_layer_backward_fast(gl, x, wl, True, *accs) is not None
+    assert core.linear_layer_backward_fast(gl, x, wl, True, _unaligned(accs[0]), accs[1]) is None
+    assert core.linear_layer_backward_fast(gl, x, wl, True, accs[0], _unaligned(accs[1])) is None
+    assert core.linear_layer_forward_fast(_unaligned(x), wl, bl, False) is None
+
+    with pytest.raises(ValueError, match="x1 is not aligned"):
+        core.bilinear_forward(_unaligned(x1), x2, w, b)
+    with pytest.raises(ValueError, match="kept is not aligned"):
+        core.bilinear_forward(x1, x2, w, b, _unaligned(kept))
+    with pytest.raises(ValueError, match="grad is not aligned"):
+        core.bilinear_backward(_unaligned(g), x1, x2, w, None, True, True, True, True)
+    with pytest.raises(ValueError, match="weight is not aligned"):
+        core.linear_forward(x, _unaligned(wl), bl)
+    with pytest.raises(ValueError, match="bias is not aligned"):
+        core.linear_forward(x, wl, _unaligned(bl))
+    with pytest.raises(ValueError, match="x is not aligned"):
+        core.linear_backward(gl, _unaligned(x), wl, True, True, True)

@@ -573,6 +573,171 @@ def test_ctrl_c_leaves_the_process_usable_and_leaks_nothing():
     assert float(growth) < 40  # no output or scratch left behind per interrupted call
 
 
+# A Python signal handler runs on the main thread in the middle of a call (the Ctrl-C poll runs
+# it), and may call linmaps itself: on the same thread, possibly while it is thread 0 of the
+# interrupted call's team. The handler's calls here cover a threaded linear (a shared packed
+# operand, as the outer linear's), a bilinear backward, a tiny call (under the poll threshold)
+# and a layer backward adding to its accumulators; every handler run is checked bitwise against
+# the same calls made quietly, and the interrupted call's own result too (results do not depend
+# on the number of threads, and a nested call runs on one).
+SIGNAL_HANDLER = """
+    import os, signal, threading, time
+    import numpy as np
+    import linmaps
+
+    rng = np.random.default_rng(0)
+    {setup}
+
+    def timed():
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    # Sized as in the Ctrl-C tests: one call takes at least 1.5 s.
+    long_call = timed()
+    while long_call < 1.5:
+        scale = min(16, int(2.0 / long_call) + 1)
+        {scale}
+        long_call = timed()
+
+    h = rng.standard_normal((256, 512), dtype=np.float32)
+    hw = rng.standard_normal((1024, 512), dtype=np.float32)
+    b1 = rng.standard_normal((256, 64), dtype=np.float32)
+    b2 = rng.standard_normal((256, 48), dtype=np.float32)
+    bw = rng.standard_normal((32, 64, 48), dtype=np.float32)
+    bg = rng.standard_normal((256, 32), dtype=np.float32)
+    s1, s2, sw = b1[:2, :8], b2[:2, :8], bw[:3, :8, :8]
+
+    def inner(layer):
+        grads = linmaps.bilinear_backward(bg, b1, b2, bw)
+        layer(b1, b2)
+        return (linmaps.linear(h, hw), *grads, linmaps.bilinear(s1, s2, sw), *layer.backward(bg))
+
+    handler_layer = linmaps.Bilinear(64, 48, 32, seed=1)
+    handler_layer.grad_weight[...] = 1.0
+    handler_results = []
+    busy = False
+
+    def handler(signum, frame):
+        global busy
+        if busy:  # a signal during the handler's own calls: no deeper nesting than that
+            return
+        busy = True
+        try:
+            handler_results.append(inner(handler_layer))
+        finally:
+            busy = False
+
+    expected = call()
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.2)
+    got = call()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    runs = len(handler_results)
+
+    quiet_layer = linmaps.Bilinear(64, 48, 32, seed=1)
+    quiet_layer.grad_weight[...] = 1.0
+    quiet = [inner(quiet_layer) for _ in range(runs)]
+    same_inner = all(
+        all(np.array_equal(a, b) for a, b in zip(run, quiet_run))
+        for run, quiet_run in zip(handler_results, quiet)
+    ) and all(
+        np.array_equal(a, b) for a, b in zip(handler_layer.gradients(), quiet_layer.gradients())
+    )
+    same_outer = all(np.array_equal(a, b) for a, b in zip(got, expected))
+    {check}
+
+    # Then Ctrl-C after a handler's calls have run in the middle of a call: the call must still
+    # poll, and stop.
+    sent = []
+
+    def handler_then_ctrl_c(signum, frame):
+        handler(signum, frame)
+        sent.append(time.perf_counter() + 0.05)
+        threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+    signal.signal(signal.SIGALRM, handler_then_ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        call()
+        time.sleep(2.0)  # a Ctrl-C left pending by the call is raised here at the latest
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    took = time.perf_counter() - sent[0]
+    print(runs, same_outer, same_inner, outcome, round(long_call, 2), round(took, 2))
+"""
+
+SIGNAL_HANDLER_CASES = {
+    "linear": (
+        "x = rng.standard_normal((2000, 1024), dtype=np.float32); "
+        "w = rng.standard_normal((1024, 1024), dtype=np.float32); "
+        "call = lambda: (linmaps.linear(x, w),)",
+        "x = np.tile(x, (scale, 1))",
+        "np.testing.assert_allclose(got[0][:50], x[:50] @ w.T, rtol=1e-4, atol=1e-3)",
+    ),
+    "linear_backward": (
+        "x = rng.standard_normal((2000, 512), dtype=np.float32); "
+        "w = rng.standard_normal((384, 512), dtype=np.float32); "
+        "g = rng.standard_normal((2000, 384), dtype=np.float32); "
+        "call = lambda: linmaps.linear_backward(g, x, w)",
+        "x = np.tile(x, (scale, 1)); g = np.tile(g, (scale, 1))",
+        "np.testing.assert_allclose(got[0][:50], g[:50] @ w, rtol=1e-4, atol=1e-3)",
+    ),
+    "bilinear": (
+        "x1 = rng.standard_normal((512, 96), dtype=np.float32); "
+        "x2 = rng.standard_normal((512, 80), dtype=np.float32); "
+        "a = rng.standard_normal((64, 96, 80), dtype=np.float32); "
+        "call = lambda: (linmaps.bilinear(x1, x2, a),)",
+        "x1 = np.tile(x1, (scale, 1)); x2 = np.tile(x2, (scale, 1))",
+        "np.testing.assert_allclose(got[0][:5], np.einsum('ki,lij,kj->kl', x1[:5], a, x2[:5]), "
+        "rtol=1e-4, atol=1e-3)",
+    ),
+    "bilinear_backward": (
+        "x1 = rng.standard_normal((512, 96), dtype=np.float32); "
+        "x2 = rng.standard_normal((512, 80), dtype=np.float32); "
+        "a = rng.standard_normal((64, 96, 80), dtype=np.float32); "
+        "g = rng.standard_normal((512, 64), dtype=np.float32); "
+        "call = lambda: linmaps.bilinear_backward(g, x1, x2, a)",
+        "x1 = np.tile(x1, (scale, 1)); x2 = np.tile(x2, (scale, 1)); g = np.tile(g, (scale, 1))",
+        "np.testing.assert_allclose(got[1][:5], np.einsum('kl,ki,lij->kj', g[:5], x1[:5], a), "
+        "rtol=1e-4, atol=1e-3)",
+    ),
+    # A layer backward adding to its accumulators, T kept by the forward.
+    "layer_backward": (
+        "layer = linmaps.Bilinear(64, 64, 64, seed=0); "
+        "acc = rng.standard_normal(layer.grad_weight.shape, dtype=np.float32); "
+        "x1 = rng.standard_normal((20000, 64), dtype=np.float32); "
+        "x2 = rng.standard_normal((20000, 64), dtype=np.float32); "
+        "g = rng.standard_normal((20000, 64), dtype=np.float32); "
+        "layer(x1, x2)\n"
+        "    def call():\n"
+        "        layer.grad_weight[...] = acc\n"
+        "        layer.grad_bias[...] = 0.5\n"
+        "        return (*layer.backward(g), layer.grad_weight.copy(), layer.grad_bias.copy())",
+        "x1 = np.tile(x1, (scale, 1)); x2 = np.tile(x2, (scale, 1)); g = np.tile(g, (scale, 1)); "
+        "layer(x1, x2)",
+        "grads = linmaps.bilinear_backward(g, x1, x2, layer.weight); "
+        "np.testing.assert_allclose(got[2], acc + grads.grad_weight, rtol=1e-4, atol=1e-2)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNAL_HANDLER_CASES))
+def test_linmaps_calls_in_a_signal_handler_leave_the_interrupted_call_intact(name):
+    setup, scale, check = SIGNAL_HANDLER_CASES[name]
+    out = run_script(SIGNAL_HANDLER.format(setup=setup, scale=scale, check=check), timeout=300)
+    runs, same_outer, same_inner, outcome, long_call, took = out.split()
+    # At most one handler run can come after the call returned (Python runs a pending
+    # handler once): more than one ran in the middle of it.
+    assert int(runs) >= 2, out
+    assert same_outer == "True", out
+    assert same_inner == "True", out
+    assert outcome == "interrupted", out
+    # Stopped soon after the Ctrl-C, as any long call (the layer test's bound), not at its end.
+    assert float(took) < 0.25 * float(long_call), out
+
+
 # ----------------------------------------------------------------------------- thread counts
 
 

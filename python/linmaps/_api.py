@@ -458,7 +458,13 @@ def _forward_keeping(fname, x1, x2, weight, bias, budget, buffer):
     elements = backend.bilinear_kept_elements(x1c.shape[0], in1, in2, out_features, work)
     kept = None
     if elements * work.itemsize <= budget:
-        if buffer is not None and buffer.dtype == work and buffer.size >= elements:
+        if (
+            buffer is not None
+            and buffer.dtype == work
+            and buffer.size >= elements
+            and buffer.flags.aligned
+            and buffer.flags.writeable
+        ):
             kept = buffer
         else:
             kept = np.empty(elements, dtype=work)
@@ -565,6 +571,11 @@ def bilinear_backward(
         work = v.compute_dtype(dtype)
         if _backend.current() is context._backend and work == x1c.dtype:
             kept = context._kept
+            # T's place in the buffer depends on the buffer's address: an unaligned one
+            # (unpickled) cannot be read, nor copied elsewhere; T is computed again instead
+            # (the same bits).
+            if kept is not None and not kept.flags.aligned:
+                kept = None
         x1c, x2c, weightc = (v.contiguous(a, work) for a in (x1c, x2c, weightc))
     else:
         if x1 is None or x2 is None or weight is None:

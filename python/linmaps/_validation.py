@@ -54,17 +54,25 @@ def compute_dtype(result: np.dtype) -> np.dtype:
 
 
 def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """C-contiguous ``array`` in ``dtype``; copies only when layout or dtype require it.
+    """C-contiguous, aligned ``array`` in ``dtype``; copies only when layout or dtype require it.
 
     Every conversion linmaps makes goes through here (or ``copy_into``). A narrowing one (a
     float32 result to float16, a float64 input to a float32 layer) rounds as IEEE 754 says,
     silently, like float32 and float64 arithmetic: out-of-range values become +-inf and tiny
     ones subnormal or zero. NumPy's cast would instead warn, or raise ``FloatingPointError``
     under ``numpy.errstate(all="raise")``. Byte order is converted to ``dtype``'s too.
+
+    An array whose data is not aligned to its element size (``np.frombuffer`` at an odd
+    offset, an array unpickled from a byte stream, as dask.distributed workers get them) is
+    copied: the compiled kernels cannot read it, and NumPy's products would take slower paths
+    with other rounding. ``np.ascontiguousarray`` alone would return it as it is.
     """
-    if array.dtype == dtype and array.flags.c_contiguous:
+    flags = array.flags
+    if array.dtype == dtype and flags.c_contiguous and flags.aligned:
         return array
     with np.errstate(all="ignore"):
+        if not flags.aligned:
+            return np.array(array, dtype=dtype, order="C", copy=True)
         return np.ascontiguousarray(array, dtype=dtype)
 
 

@@ -1,7 +1,7 @@
 """Tests of the compiled kernels through linmaps._cpp_backend (the internal backend contract).
 
 The kernels are checked against two NumPy references written here from the spec
-(/work/shared/spec/maps.md, sections 2 and 4):
+(docs/spec.md, sections 2 and 4):
   * the elementwise sums evaluated literally with numpy.einsum (optimize=False), in long
     double so that the reference's own rounding is negligible, and
   * the "reformulation as matrix products" processed in row blocks (float64 BLAS), cheap

@@ -2,7 +2,7 @@
 
 Each function validates its arguments (``_validation``), brings them to one dtype and a
 C-contiguous 2-D layout, calls the active backend (``_backend``) and restores the caller's
-batch shape and dtype. The formulas are those of ``shared/spec/maps.md``; see
+batch shape and dtype. The formulas are those of ``docs/spec.md``; see
 ``docs/derivation.md`` for the map from each formula to the code.
 """
 

@@ -5,7 +5,7 @@ one dtype (float32 or float64), shapes consistent, batch dimensions flattened to
 bilinear weight. Each returns new arrays and never writes to its inputs.
 
 The work is done in large matrix products (BLAS via ``numpy.matmul``), following the
-reformulation of ``shared/spec/maps.md`` section 4, grouped exactly as the compiled backend
+reformulation of ``docs/spec.md`` section 4, grouped exactly as the compiled backend
 groups it (``csrc/bilinear.cpp``): ``P`` is the wider input (``x2`` when ``in2 > in1``, the
 "swapped" case, else ``x1``) and ``Q`` the other, ``p`` and ``q`` their widths, and
 ``A_hat (p, L*q)`` holds ``A[l]`` (or ``A[l].T`` when swapped) in columns ``l*q : (l+1)*q``:

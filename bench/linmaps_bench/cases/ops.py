@@ -25,7 +25,7 @@ from ..tables import (
 from . import CaseKind, backend_errors, end_case, register_kind, seeded_rng
 
 # Flops per operation as a multiple of prod(dims) = N*in*out (linear) or N*in1*in2*out
-# (bilinear), the counts of shared/spec/maps.md. Bias terms are not counted.
+# (bilinear), the counts of docs/spec.md. Bias terms are not counted.
 FLOP_FACTORS = {
     "linear": {"forward": 2, "backward": 4, "fwd+bwd": 6},
     "bilinear": {"forward": 2, "backward": 6, "fwd+bwd": 8},

@@ -178,3 +178,14 @@ def assert_close(actual, expected, terms: int, compute_dtype, result_dtype=None)
         f"{bad.sum()} of {bad.size} entries exceed the rounding bound; worst error "
         f"{err.max():.3g} vs bound {bound[np.argmax(err - bound)]:.3g}"
     )
+
+
+def assert_identical(actual, expected):
+    """Bitwise equal (NaNs included), or both None, entry by entry."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        if e is None:
+            assert a is None
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert np.array_equal(a, e, equal_nan=True) and a.tobytes() == e.tobytes()

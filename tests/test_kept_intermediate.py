@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 import linmaps
 from linmaps import Bilinear, Linear
 
+from reference import assert_identical
+
 DTYPES = [np.float32, np.float64]
 hyp = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -28,17 +30,6 @@ def bilinear_args(n, in1, in2, out, dtype, seed=0):
         normal((out,), seed + 3, dtype),
         normal((n, out), seed + 4, dtype),
     )
-
-
-def assert_identical(actual, expected):
-    """Bitwise equal (NaNs included), or both None."""
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        if e is None:
-            assert a is None
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape
-        assert np.array_equal(a, e, equal_nan=True) and a.tobytes() == e.tobytes()
 
 
 shapes = st.tuples(

@@ -13,6 +13,7 @@ import linmaps
 from linmaps import Bilinear, Linear
 
 import reference as ref
+from reference import assert_identical
 
 DTYPES = [np.float32, np.float64]
 
@@ -28,16 +29,6 @@ def bilinear_args(dtype=np.float32, n=64, in1=16, in2=12, out=8):
         normal((out, in1, in2), 3, dtype),
         normal((n, out), 4, dtype),
     )
-
-
-def assert_identical(actual, expected):
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        if e is None:
-            assert a is None
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape
-        assert a.tobytes() == e.tobytes()
 
 
 # ----------------------------------------------------------------------------- contexts

@@ -49,6 +49,9 @@ void bind_threads(py::module_& m) {
   m.def("team_size", &threads::team_size,
         "Size of the OpenMP team a parallel region opened now from this thread gets, opened "
         "the way the kernels open theirs (diagnostics and tests).");
+  m.def("contention_engaged", &threads::contention_engaged,
+        "How many times calls took a smaller team because other programs kept preempting "
+        "linmaps' threads (diagnostics and tests).");
   m.def("blas_set_sharing", &threads::blas_set_sharing, py::arg("enable"),
         "Share the BLAS pool: give the callback to every OpenBLAS loaded now and later (True), "
         "or take it back from all (False).");

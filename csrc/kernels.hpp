@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <ctime>
@@ -156,6 +157,16 @@ bool blas_looked();
 void blas_uninstall();
 std::vector<std::pair<std::string, std::string>> blas_installed();
 long long blas_calls();
+// Contention (threads.cpp, "Sharing the CPUs"): each thread of a long enough parallel region
+// looks at its end how long it waited for a CPU; the team a call of `flops` may use now,
+// given what the looks found.
+void look_for_contention(int team);
+int contention_cap(int num_threads, double flops);
+// Regions shorter than this do not look (a look reads a /proc file, about 0.8 us): the wait
+// accrues in the thread's counter and the next look counts it.
+constexpr std::int64_t kContentionLookNs = 100'000;
+// How many times a smaller team was engaged (diagnostics and tests).
+long long contention_engaged();
 }  // namespace threads
 
 // ---------------------------------------------------------------------------------------
@@ -321,6 +332,7 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
   CallStop* const call_stop = t_call_stop;
   std::exception_ptr error;
   std::atomic<bool> failed{false};
+  const auto region_start = std::chrono::steady_clock::now();
   // Inside another call's parallel region (a call made by a signal handler that the poll ran on
   // thread 0, see t_call_depth) this region is nested: OpenMP gives it one thread unless nested
   // parallelism was enabled, which changes no result (see the top of this file).
@@ -330,7 +342,7 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
     const bool worker = worker_id() != 0;
     CallStop* const worker_stop = t_call_stop;
     if (worker) t_call_stop = call_stop;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (Index task = 0; task < num_tasks; ++task) {
       if (failed.load(std::memory_order_relaxed) || stop_requested()) continue;
       try {
@@ -342,6 +354,10 @@ void parallel_for(Index num_tasks, int team, Body&& body) {
         }
         failed.store(true, std::memory_order_relaxed);
       }
+    }
+    if (std::chrono::steady_clock::now() - region_start >=
+        std::chrono::nanoseconds(threads::kContentionLookNs)) {
+      threads::look_for_contention(team);
     }
     if (worker) t_call_stop = worker_stop;
   }

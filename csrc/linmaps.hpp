@@ -229,11 +229,12 @@ class ReleaseGil {
   std::optional<py::gil_scoped_release> release_;
 };
 
-// The threads for a kernel call of about `flops` floating-point operations. A call that will
+// The threads for a kernel call of about `flops` floating-point operations: fewer while other
+// programs keep preempting linmaps' threads (threads::contention_cap). A call that will
 // use threads first gives the BLAS threads callback to any OpenBLAS loaded since the last
 // look (threads.cpp), so that a SciPy imported after linmaps shares the pool too.
 inline int threads_for(double flops) {
-  const int num_threads = threads::for_call();
+  const int num_threads = threads::contention_cap(threads::for_call(), flops);
   if (num_threads > 1 && flops >= detail::kSerialFlops) threads::blas_refresh();
   return num_threads;
 }

@@ -17,6 +17,23 @@
 // told apart from one that never touched it, so threadpool_limits(d) with d the default
 // does not cap a larger set_num_threads(n > d).
 //
+// Sharing the CPUs. A parallel region ends when its last thread does: when another program
+// holds a core, the OS deschedules one of linmaps' threads for a time slice (milliseconds),
+// and a call of a tenth of a millisecond waits for it. Beside one busy single-threaded
+// process on 2 cores, a (32,64,64,32) bilinear step ran at 0.30 of its idle speed on 2
+// threads and 0.54 on 1 (Zen 4). So each thread of a region longer than kContentionLookNs
+// reads, at its end, how long it has waited for a CPU while runnable (its run delay, in
+// /proc/self/task/TID/schedstat). The waits are summed over windows of kWindowNs of thread
+// time; a window in which the threads waited kContendedShare of it engages a smaller team
+// (the region's team less one, at least 1) for the calls between kSerialFlops and
+// kContendedFlops, for a period that starts at kContendedPeriodNs and doubles, up to
+// kContendedPeriodMaxNs, while the contention is found again as soon as a period ends.
+// Larger calls keep every thread: their regions are long enough that a time slice lost
+// costs them less than a thread. A thread slow to wake on an idle virtual CPU waits
+// microseconds, not a share of the window, so the idle machine keeps every thread. The team
+// never changes results (the top of kernels.hpp). LINMAPS_ADAPTIVE_TEAM=0 turns this off;
+// without schedstat (a kernel built without it) the team stays as set.
+//
 // State shared by every instruction-set module. linmaps loads one extension module per
 // instruction set (_core, _core_avx2, ...), each with its own copy of this file's statics,
 // but they share one libgomp. The process-wide state (the setting, whether an OpenMP team
@@ -24,14 +41,20 @@
 // one ProcessState, created by the baseline module _core (always imported first) and handed
 // to the others through a capsule.
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <link.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cctype>
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -66,11 +89,60 @@ struct ProcessState {
   std::vector<BlasLibrary> blas_libraries;
   // Held while a parallel BLAS call runs on the pool: see linmaps_blas_threads.
   std::mutex blas_call_mutex;
+  // Sharing the CPUs (above); times in steady_clock nanoseconds.
+  bool adaptive_team = true;
+  std::atomic<long long> window_delay_ns{0}, window_wall_ns{0};
+  std::atomic<std::int64_t> contended_until_ns{std::numeric_limits<std::int64_t>::min() / 2};
+  std::atomic<std::int64_t> contended_period_ns{0};
+  std::atomic<int> contended_team{0};
+  std::atomic<long long> contention_engaged{0};
 };
 
 namespace {
 
 ProcessState* g_state = nullptr;
+
+// Looks are summed over a window of kWindowNs of the team threads' time; a window in which
+// they waited for a CPU at least kContendedShare of it (and kContendedDelayNs in all)
+// engages a smaller team. Measured on 2 cores (Zen 4), a (32,64,64,32) step in a loop: the
+// threads waited 1.2% of their time on the idle machine, 43% beside a busy process.
+constexpr long long kWindowNs = 100'000'000;
+constexpr long long kContendedDelayNs = 5'000'000;
+constexpr double kContendedShare = 0.2;
+constexpr std::int64_t kContendedPeriodNs = 100'000'000;
+constexpr std::int64_t kContendedPeriodMaxNs = 1'600'000'000;
+constexpr double kContendedFlops = 2.0e9;
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// This thread's schedstat file (/proc/self/task/TID/schedstat: time on the CPU, time waiting
+// for one) and what it read there last. fd -1 before the first look, -2 where there is none.
+struct DelayLook {
+  int fd = -1;
+  long long delay_ns = 0, wall_ns = 0;
+};
+thread_local DelayLook t_look;
+
+// The thread's run delay: nanoseconds it was runnable but waited for a CPU.
+bool read_run_delay(int fd, long long& delay) {
+  char text[128];
+  const ssize_t got = pread(fd, text, sizeof(text) - 1, 0);
+  if (got <= 0) return false;
+  text[got] = '\0';
+  unsigned long long on_cpu = 0, waited = 0;
+  if (std::sscanf(text, "%llu %llu", &on_cpu, &waited) != 2) return false;
+  delay = static_cast<long long>(waited);
+  return true;
+}
+
+void forget_looks_in_child() {
+  if (t_look.fd >= 0) close(t_look.fd);
+  t_look = DelayLook();
+}
 
 int usable_cpus() {
   cpu_set_t set;
@@ -193,6 +265,7 @@ void linmaps_blas_threads(int /*sync*/, BlasJob job, int num_jobs, std::size_t j
 // alone, as DataLoader workers do with torch.set_num_threads(1). Threads created in the child
 // start with the process default and a fresh pool of their own, which works.
 void after_fork_in_child() {
+  forget_looks_in_child();  // the file this thread opened is its parent thread's
   if (g_state == nullptr || !g_state->team_started.load(std::memory_order_relaxed)) return;
   g_state->forked_child.store(true, std::memory_order_relaxed);
 #ifdef _OPENMP
@@ -242,6 +315,8 @@ std::vector<std::string> loaded_openblas_paths() {
 
 ProcessState* new_process_state() {
   g_state = new ProcessState();  // never freed: BLAS libraries may hold the callback
+  const char* adaptive = std::getenv("LINMAPS_ADAPTIVE_TEAM");
+  g_state->adaptive_team = adaptive == nullptr || std::string(adaptive) != "0";
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
   openmp_default();  // read the OpenMP process default now, not on the first call
   return g_state;
@@ -278,6 +353,75 @@ int for_call() {
   const int icv = calling_thread_icv();
   if (icv != openmp_default()) return std::max(1, std::min(wanted, icv));
   return wanted;
+}
+
+namespace {
+
+void engage_smaller_team(int team, std::int64_t now) {
+  const std::int64_t until = g_state->contended_until_ns.load(std::memory_order_relaxed);
+  if (now < until) {  // already engaged: a smaller team, the same deadline
+    const int current = g_state->contended_team.load(std::memory_order_relaxed);
+    g_state->contended_team.store(std::max(1, std::min(current, team - 1)),
+                                  std::memory_order_relaxed);
+    return;
+  }
+  // Found again right after the last period ended: the contention lasts, look less often.
+  std::int64_t period = g_state->contended_period_ns.load(std::memory_order_relaxed);
+  period = (period > 0 && now - until < kContendedPeriodNs)
+               ? std::min(2 * period, kContendedPeriodMaxNs)
+               : kContendedPeriodNs;
+  g_state->contended_period_ns.store(period, std::memory_order_relaxed);
+  g_state->contended_team.store(std::max(1, team - 1), std::memory_order_relaxed);
+  g_state->contended_until_ns.store(now + period, std::memory_order_relaxed);
+  g_state->contention_engaged.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+void look_for_contention(int team) {
+  if (!g_state->adaptive_team || t_look.fd == -2) return;
+  if (t_look.fd == -1) {
+    char path[64];
+    std::snprintf(path, sizeof(path), "/proc/self/task/%ld/schedstat",
+                  static_cast<long>(syscall(SYS_gettid)));
+    t_look.fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (t_look.fd < 0 || !read_run_delay(t_look.fd, t_look.delay_ns)) {
+      if (t_look.fd >= 0) close(t_look.fd);
+      t_look.fd = -2;  // no schedstat in this kernel: the team stays as set
+      return;
+    }
+    t_look.wall_ns = now_ns();
+    return;
+  }
+  long long delay = 0;
+  if (!read_run_delay(t_look.fd, delay)) return;
+  const std::int64_t now = now_ns();
+  const long long waited = delay - t_look.delay_ns, elapsed = now - t_look.wall_ns;
+  t_look.delay_ns = delay;
+  t_look.wall_ns = now;
+  g_state->window_delay_ns.fetch_add(waited, std::memory_order_relaxed);
+  const long long window = g_state->window_wall_ns.fetch_add(elapsed, std::memory_order_relaxed);
+  if (window < kWindowNs && window + elapsed >= kWindowNs) {  // this look closes the window
+    const long long window_delay = g_state->window_delay_ns.exchange(0);
+    const long long window_wall = g_state->window_wall_ns.exchange(0);
+    if (window_delay >= kContendedDelayNs &&
+        static_cast<double>(window_delay) >= kContendedShare * static_cast<double>(window_wall)) {
+      engage_smaller_team(team, now);
+    }
+  }
+}
+
+int contention_cap(int num_threads, double flops) {
+  if (num_threads <= 1 || flops >= kContendedFlops || flops < detail::kSerialFlops) {
+    return num_threads;
+  }
+  if (now_ns() >= g_state->contended_until_ns.load(std::memory_order_relaxed)) return num_threads;
+  return std::max(1,
+                  std::min(num_threads, g_state->contended_team.load(std::memory_order_relaxed)));
+}
+
+long long contention_engaged() {
+  return g_state->contention_engaged.load(std::memory_order_relaxed);
 }
 
 void note_team_started() {

@@ -738,6 +738,54 @@ def test_linmaps_calls_in_a_signal_handler_leave_the_interrupted_call_intact(nam
     assert float(took) < 0.25 * float(long_call), out
 
 
+# ----------------------------------------------------------------------------- sharing the CPUs
+
+# Calls in a loop beside one busy process per usable CPU, until linmaps has engaged a smaller
+# team (or SECONDS have passed); every result compared bitwise with the same call made before.
+CONTENTION = """
+    import os, subprocess, sys, time
+    import numpy as np
+    import linmaps
+    from linmaps import _cpp_backend as cb
+
+    rng = np.random.default_rng(7)
+    x1 = rng.standard_normal((32, 64), dtype=np.float32)
+    x2 = rng.standard_normal((32, 64), dtype=np.float32)
+    a = rng.standard_normal((32, 64, 64), dtype=np.float32)
+    g = rng.standard_normal((32, 32), dtype=np.float32)
+
+    def step():
+        return (linmaps.bilinear(x1, x2, a),) + tuple(linmaps.bilinear_backward(g, x1, x2, a))
+
+    linmaps.set_num_threads(2)
+    quiet = step()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.2)
+        end = time.monotonic() + float(os.environ["SECONDS"])
+        calls = 0
+        while time.monotonic() < end and (calls < 200 or cb._core.contention_engaged() == 0):
+            for got, want in zip(step(), quiet):
+                assert got.tobytes() == want.tobytes()
+            calls += 1
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    print(cb._core.contention_engaged())
+"""
+
+
+@pytest.mark.skipif(
+    not os.path.exists(f"/proc/self/task/{os.getpid()}/schedstat"),
+    reason="the kernel keeps no per-thread scheduler statistics",
+)
+def test_busy_cpus_engage_a_smaller_team_with_the_same_results():
+    assert int(run_script(CONTENTION, env={"SECONDS": "20"})) > 0
+    assert int(run_script(CONTENTION, env={"SECONDS": "3", "LINMAPS_ADAPTIVE_TEAM": "0"})) == 0
+
+
 # ----------------------------------------------------------------------------- thread counts
 
 

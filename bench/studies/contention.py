@@ -1,13 +1,16 @@
 """linmaps beside a busy process: throughput as a fraction of its speed on an idle machine.
 
-    python bench/studies/contention.py            # one child per libgomp spin setting
+    python bench/studies/contention.py            # one child per setting below
     python bench/studies/contention.py --here     # this process's environment only
 
 For each shape, times the call (forward + backward, float32, all usable threads) on the idle
 machine, then with one single-threaded busy process (``while True: pass``) beside it, and
 prints t_idle / t_busy. With 2 threads on 2 cores a fair share of the machine gives about
-0.67 (three runnable threads share two cores). The children differ in GOMP_SPINCOUNT: 300000
-(libgomp's own default: linmaps before it set one), linmaps' default (1000), and 0 (passive).
+0.67 (three runnable threads share two cores). The idle time is taken IDLE_AFTER_S after the
+busy process has gone: linmaps keeps a smaller team for up to 1.6 s after the contention it
+saw (threads.cpp, "Sharing the CPUs"), and the idle speed is the speed once that has passed.
+The children differ in the team adaptation (on by default, LINMAPS_ADAPTIVE_TEAM=0 off) and
+in libgomp's waiting (linmaps' spin, or passive with GOMP_SPINCOUNT=0).
 """
 
 import os
@@ -26,10 +29,14 @@ SHAPES = [
     ("linear", (16384, 128, 128)),
 ]
 SETTINGS = {
-    "before (libgomp's own spin, 300000)": "300000",
-    "after (linmaps' default)": None,
-    "passive (GOMP_SPINCOUNT=0)": "0",
+    "default (smaller team under contention)": {},
+    "LINMAPS_ADAPTIVE_TEAM=0": {"LINMAPS_ADAPTIVE_TEAM": "0"},
+    "passive (GOMP_SPINCOUNT=0), adaptation off": {
+        "GOMP_SPINCOUNT": "0",
+        "LINMAPS_ADAPTIVE_TEAM": "0",
+    },
 }
+IDLE_AFTER_S = 2.0
 
 
 def make_call(kind, shape):
@@ -64,7 +71,7 @@ def here():
         ratios = []
         idles = []
         for _ in range(5):
-            time.sleep(0.15)
+            time.sleep(IDLE_AFTER_S)
             idles.append(median_s(call, 0.25))
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             try:
@@ -86,12 +93,13 @@ def main():
     if "--here" in sys.argv:
         here()
         return
-    for name, value in SETTINGS.items():
+    for name, settings in SETTINGS.items():
         env = {
-            k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "LINMAPS_ADAPTIVE_TEAM")
         }
-        if value is not None:
-            env["GOMP_SPINCOUNT"] = value
+        env.update(settings)
         print(f"{name}:", flush=True)
         subprocess.run([sys.executable, __file__, "--here"], env=env, check=True)
 

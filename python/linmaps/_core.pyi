@@ -68,6 +68,9 @@ def blas_installed() -> list[tuple[str, str]]:
 def blas_calls() -> int:
     """Number of BLAS calls the callback has run (diagnostics and tests)."""
 
+def contention_engaged() -> int:
+    """How many times calls took a smaller team because other programs kept preempting."""
+
 @overload
 def linear_forward(
     x: npt.NDArray[np.float32],

@@ -494,3 +494,41 @@ def test_layer_errors():
     layer(np.zeros((2, 3)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match=re.escape("got (2, 3, 1) but expected (2, 4, 1)")):
         layer.backward(np.zeros((2, 3, 1)))
+
+
+PAIRS_FORK = """
+    import os
+    import numpy as np
+    import linmaps as lm
+
+    x1 = np.ones((2, 64, 128), np.float32)
+    x2 = np.ones((2, 48, 128), np.float32)
+    w = np.ones((4, 128, 128), np.float32)
+    g = np.ones((2, 64, 48, 4), np.float32)
+
+    def work():
+        s = lm.bilinear_pairs(x1, x2, w)
+        grads = lm.bilinear_pairs_backward(g, x1, x2, w)
+        gx1, gw = grads.grad_x1, grads.grad_weight
+        return float(s[1, -1, -1, -1]), float(gx1[0, 0, 0]), float(gw[3, 1, 2])
+
+    work()  # the parent's OpenMP threads start
+    pid = os.fork()
+    if pid == 0:
+        print("child", *work(), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+    print("parent", *work())
+"""
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the compiled backend is not available")
+def test_forked_child_computes_and_does_not_hang():
+    from test_threads import run_script
+
+    lines = run_script(PAIRS_FORK, timeout=60).splitlines()
+    # S = in1 * in2; grad_x1 = J * out * in2; grad_weight = batch * I * J.
+    expected = ["16384.0", "24576.0", "6144.0"]
+    assert lines[0].split() == ["child", *expected]
+    assert lines[1].split() == ["parent", *expected]

@@ -108,6 +108,27 @@ void bilinear_backward(const T* grad, const T* x1, const T* x2, const T* weight,
 template <class T>
 Index bilinear_kept_elements(const BilinearShape& shape);
 
+// All-pairs bilinear map (pairs.cpp): x1 (B,I,in1), x2 (B,J,in2), weight (out,in1,in2),
+// s (B,I,J,out): s[b,i,j,o] = x1[b,i,:] weight[o] x2[b,j,:]^T + bias[o]; bias may be null.
+struct PairsShape {
+  Index batch;  // B
+  Index rows1;  // I
+  Index rows2;  // J
+  Index in1;
+  Index in2;
+  Index out;
+};
+
+template <class T>
+void bilinear_pairs_forward(const T* x1, const T* x2, const T* weight, const T* bias, T* s,
+                            const PairsShape& shape, int num_threads);
+
+// grad (B,I,J,out); each output null when not requested.
+template <class T>
+void bilinear_pairs_backward(const T* grad, const T* x1, const T* x2, const T* weight, T* grad_x1,
+                             T* grad_x2, T* grad_weight, T* grad_bias, const PairsShape& shape,
+                             int num_threads);
+
 // ---------------------------------------------------------------------------------------
 // Threads (threads.cpp).
 //

@@ -183,6 +183,9 @@ def test_public_names():
         "Bilinear",
         "LoadError",
         "share_blas_threads",
+        "bilinear_pairs",
+        "bilinear_pairs_backward",
+        "BilinearPairs",
     }
     assert expected == set(linmaps.__all__) - {"__version__"}
     for name in linmaps.__all__:

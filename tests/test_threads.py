@@ -448,6 +448,18 @@ CTRL_C_CASES = {
         "np.testing.assert_allclose(z, np.einsum('ki,lij,kj->kl', x1[:5], a, x2[:5]), "
         "rtol=1e-4, atol=1e-3)",
     ),
+    "bilinear_pairs_backward": (
+        "x1 = rng.standard_normal((8, 64, 256), dtype=np.float32); "
+        "x2 = rng.standard_normal((8, 64, 256), dtype=np.float32); "
+        "a = rng.standard_normal((8, 256, 256), dtype=np.float32); "
+        "g = rng.standard_normal((8, 64, 64, 8), dtype=np.float32); "
+        "call = lambda: linmaps.bilinear_pairs_backward(g, x1, x2, a)",
+        "x1 = np.tile(x1, (scale, 1, 1)); x2 = np.tile(x2, (scale, 1, 1)); "
+        "g = np.tile(g, (scale, 1, 1, 1))",
+        "s = linmaps.bilinear_pairs(x1[:1], x2[:1], a); "
+        "np.testing.assert_allclose(s, np.einsum('bia,oac,bjc->bijo', x1[:1], a, x2[:1]), "
+        "rtol=1e-3, atol=1e-2)",
+    ),
 }
 
 

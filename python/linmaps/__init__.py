@@ -1,10 +1,11 @@
 """linmaps: fast forward and backward passes of linear and bilinear maps for NumPy.
 
 Functional API: :func:`linear`, :func:`linear_backward`, :func:`bilinear`,
-:func:`bilinear_backward`, :func:`bilinear_with_context`. Layers: :class:`Linear`,
-:class:`Bilinear`. Backends: ``"cpp"`` (compiled, Eigen + OpenMP, the default when present)
-and ``"python"`` (pure NumPy, the fallback and the test oracle); see :func:`get_backend`,
-:func:`set_backend`, :func:`use_backend` and ``LINMAPS_BACKEND``.
+:func:`bilinear_backward`, :func:`bilinear_with_context`, and the all-pairs map
+:func:`bilinear_pairs`, :func:`bilinear_pairs_backward`. Layers: :class:`Linear`,
+:class:`Bilinear`, :class:`BilinearPairs`. Backends: ``"cpp"`` (compiled, Eigen + OpenMP, the
+default when present) and ``"python"`` (pure NumPy, the fallback and the test oracle); see
+:func:`get_backend`, :func:`set_backend`, :func:`use_backend` and ``LINMAPS_BACKEND``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ._backend import (
 )
 from ._config import show_config
 from ._layers import Bilinear, Linear, LoadError
+from ._pairs import BilinearPairs, bilinear_pairs, bilinear_pairs_backward
 
 try:
     __version__ = _version("linmaps")
@@ -45,6 +47,7 @@ __all__ = [
     "Bilinear",
     "BilinearContext",
     "BilinearGrads",
+    "BilinearPairs",
     "Linear",
     "LinearGrads",
     "LoadError",
@@ -52,6 +55,8 @@ __all__ = [
     "available_backends",
     "bilinear",
     "bilinear_backward",
+    "bilinear_pairs",
+    "bilinear_pairs_backward",
     "bilinear_with_context",
     "get_backend",
     "get_num_threads",

@@ -58,7 +58,7 @@ if not hasattr(torch, "library") or not hasattr(torch.library, "custom_op"):  # 
         f"{torch.__version__}: upgrade with `pip install 'linmaps[torch]'`"
     )
 
-__all__ = ["Bilinear", "Linear", "bilinear", "linear"]
+__all__ = ["Biaffine", "Bilinear", "Linear", "bilinear", "bilinear_pairs", "linear"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _CPU = torch.device("cpu")
@@ -1199,3 +1199,7 @@ class Bilinear(torch.nn.Bilinear):
 
     def forward(self, input1: Tensor, input2: Tensor) -> Tensor:
         return bilinear(input1, input2, self.weight, self.bias)
+
+
+# The all-pairs map and the biaffine scorer live in their own module, built on the helpers above.
+from ._torch_pairs import Biaffine, bilinear_pairs  # noqa: E402

@@ -153,6 +153,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, HERE)
     import linmaps_bench
     from linmaps_bench import report
+    from linmaps_bench.cases import default_cases
 
     try:
         cases = linmaps_bench.select_cases(args.cases)
@@ -160,8 +161,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.list_cases:
-        for case in cases:
-            print(f"{case.id:28} {case.describe()}")
+        defaults = set(linmaps_bench.DEFAULT_CASES)
+        listed = cases if args.cases else default_cases(on_request=True)
+        for case in listed:
+            note = "" if case in defaults else "  (only when named in --cases)"
+            print(f"{case.id:28} {case.describe()}{note}")
         return 0
     if args.list_backends:
         for name, backend in linmaps_bench.BACKENDS.items():

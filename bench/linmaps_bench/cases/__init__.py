@@ -138,9 +138,16 @@ def kind_of(case) -> CaseKind:
     return KIND_REGISTRY[case.kind]
 
 
-def default_cases() -> list:
-    """The cases of a run that names none: each kind's defaults, kinds in ``order``."""
-    return [case for case_kind in case_kinds() for case in case_kind.defaults]
+def default_cases(on_request: bool = False) -> list:
+    """The cases of a run that names none: each kind's defaults, kinds in ``order``; with
+    ``on_request``, also those of the kinds that run only when named (``on_request = True``,
+    whose peers take minutes)."""
+    return [
+        case
+        for case_kind in case_kinds()
+        if on_request or not getattr(case_kind, "on_request", False)
+        for case in case_kind.defaults
+    ]
 
 
 def seeded_rng(case, seed: int) -> np.random.Generator:
@@ -165,15 +172,16 @@ def _case_matches(case, token: str) -> bool:
 def select_cases(spec: str | None, cases=None) -> list:
     """The cases named by ``spec``, a comma-separated list of tokens, in ``cases`` order.
 
-    ``cases`` defaults to :func:`default_cases`. A token is a kind (``linear``, ``bilinear``,
+    ``cases`` defaults to :func:`default_cases` (with the on-request kinds when ``spec``
+    names something). A token is a kind (``linear``, ``bilinear``,
     ``mixed``, ...: every case of that kind), a custom size (``bilinear:8x4x4x2``,
     ``linear:8x16x4``, ``mixed:8x16x8x4x2``, added after the others) or any part of a case id
     (``1024x``; a part that starts with a kind, ``linear-1x``, must start the id). ``None`` or
     an empty spec selects every case.
     """
-    cases = default_cases() if cases is None else list(cases)
     if not spec or not spec.strip():
-        return cases
+        return default_cases() if cases is None else list(cases)
+    cases = default_cases(on_request=True) if cases is None else list(cases)
     chosen, custom = [], []
     for token in (t.strip() for t in spec.split(",")):
         if not token:

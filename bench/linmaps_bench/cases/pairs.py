@@ -237,6 +237,9 @@ class PairsKind(PerBackendKind):
     order = 45
     custom_sizes = ("pairs:BxLxDxOUT",)
     defaults = DEFAULTS
+    # Only with --cases pairs: NumPy's einsum(optimize=True), a peer, takes about 100 s per
+    # call at (32, 40, 100, 50) on 2 Zen 4 cores, so these cases take many minutes.
+    on_request = True
 
     def from_dims(self, kind, dims):
         return PairsCase(dims)

@@ -183,6 +183,9 @@ def test_public_names():
         "Bilinear",
         "LoadError",
         "share_blas_threads",
+        "fp32_precision",
+        "get_fp32_precision",
+        "set_fp32_precision",
     }
     assert expected == set(linmaps.__all__) - {"__version__"}
     for name in linmaps.__all__:

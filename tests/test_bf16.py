@@ -302,41 +302,125 @@ def test_layers_in_bfloat16(backend, copy_inputs):
 RUN_LEVEL = """
 import sys
 import numpy as np, ml_dtypes, linmaps
-from linmaps import _cpp_backend
+from linmaps import _bf16_kernel, _cpp_backend
 rng = np.random.default_rng(5)
 bf = ml_dtypes.bfloat16
 x1, x2 = rng.standard_normal((67, 33)).astype(bf), rng.standard_normal((67, 17)).astype(bf)
 w, g = rng.standard_normal((5, 33, 17)).astype(bf), rng.standard_normal((67, 5)).astype(bf)
-lw = rng.standard_normal((19, 33)).astype(bf)
-np.savez(sys.argv[1], isa=_cpp_backend.isa, z=linmaps.bilinear(x1, x2, w).view(np.uint16),
+lw, lg = rng.standard_normal((19, 33)).astype(bf), rng.standard_normal((67, 19)).astype(bf)
+lgrads = linmaps.linear_backward(lg, x1, lw)
+np.savez(sys.argv[1], isa=_cpp_backend.isa, path=_bf16_kernel.path,
+         z=linmaps.bilinear(x1, x2, w).view(np.uint16),
          y=linmaps.linear(x1, lw).view(np.uint16),
-         gw=linmaps.bilinear_backward(g, x1, x2, w).grad_weight.view(np.uint16),
+         gx=lgrads.grad_x.view(np.uint16), gw=lgrads.grad_weight.view(np.uint16),
+         gb=lgrads.grad_bias.view(np.uint16),
+         bw=linmaps.bilinear_backward(g, x1, x2, w).grad_weight.view(np.uint16),
          x1=x1.astype(np.float32), x2=x2.astype(np.float32), w=w.astype(np.float32),
-         g=g.astype(np.float32), lw=lw.astype(np.float32))
+         g=g.astype(np.float32), lw=lw.astype(np.float32), lg=lg.astype(np.float32))
 """
 
 
+def run_python(code, *args, **env_changes):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LINMAPS_CPU", "LINMAPS_BACKEND", "LINMAPS_BF16_PATH")
+    }
+    env.update(env_changes)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env
+    )
+
+
+def bf16_kernel_levels():
+    """The instruction-set levels whose module can run the vdpbf16ps kernel here."""
+    from linmaps import _bf16_kernel, _cpp_backend
+
+    if _bf16_kernel._available() != "avx512_bf16" and _cpp_backend.isa in ("avx512", "native"):
+        return ()  # the CPU has no AVX512-BF16
+    return tuple(lv for lv in _cpp_backend.available_isas if lv in ("avx512", "native"))
+
+
+@pytest.mark.parametrize("path", ["float32", "avx512_bf16"])
 @pytest.mark.parametrize("level", ["baseline", "avx2", "avx512", "native"])
-def test_each_instruction_set_level(level, tmp_path):
+def test_each_instruction_set_level_and_path(level, path, tmp_path):
     if "cpp" not in linmaps.available_backends():
         pytest.skip("the compiled backend is not available")
     from linmaps import _cpp_backend
 
     if level not in _cpp_backend.available_isas:
         pytest.skip(f"{level} is not available here")
-    env = {k: v for k, v in os.environ.items() if k not in ("LINMAPS_CPU", "LINMAPS_BACKEND")}
-    env["LINMAPS_CPU"] = level
+    if path == "avx512_bf16" and level not in bf16_kernel_levels():
+        pytest.skip(f"no AVX512-BF16 kernel at {level} here")
     out = tmp_path / "out.npz"
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_LEVEL, str(out)], capture_output=True, text=True, env=env
-    )
+    result = run_python(RUN_LEVEL, out, LINMAPS_CPU=level, LINMAPS_BF16_PATH=path)
     assert result.returncode == 0, result.stderr
     data = np.load(out)
-    assert str(data["isa"]) == level
-    x1, x2, w, g, lw = (data[k] for k in ("x1", "x2", "w", "g", "lw"))
+    assert str(data["isa"]) == level and str(data["path"]) == path
+    x1, x2, w, g, lw, lg = (data[k] for k in ("x1", "x2", "w", "g", "lw", "lg"))
     assert_bf16_close(data["z"].view(BF16), ref.bilinear(x1, x2, w), 33 * 17)
+    assert_bf16_close(data["bw"].view(BF16), ref.bilinear_grads(g, x1, x2, w)[2], 67)
     assert_bf16_close(data["y"].view(BF16), ref.linear(x1, lw), 33)
-    assert_bf16_close(data["gw"].view(BF16), ref.bilinear_grads(g, x1, x2, w)[2], 67)
+    gx, gw, gb = ref.linear_grads(lg, x1, lw)
+    assert_bf16_close(data["gx"].view(BF16), gx, 19)
+    assert_bf16_close(data["gw"].view(BF16), gw, 67)
+    assert_bf16_close(data["gb"].view(BF16), gb, 67)
+
+
+def test_the_default_path_is_the_best_one_here():
+    if "cpp" not in linmaps.available_backends():
+        pytest.skip("the compiled backend is not available")
+    from linmaps import _bf16_kernel, _cpp_backend
+
+    forced = os.environ.get("LINMAPS_BF16_PATH")
+    expected = forced or ("avx512_bf16" if _cpp_backend.isa in bf16_kernel_levels() else "float32")
+    assert _bf16_kernel.path == expected
+    assert linmaps._config.config()["bfloat16_path"] == expected
+
+
+def test_bad_or_impossible_path_is_an_error_at_import():
+    result = run_python("import linmaps", LINMAPS_BF16_PATH="amx")
+    assert result.returncode != 0
+    assert (
+        "ValueError: LINMAPS_BF16_PATH='amx' is not a bfloat16 path; valid paths are "
+        "'avx512_bf16', 'float32'" in result.stderr
+    )
+    result = run_python("import linmaps", LINMAPS_BF16_PATH="avx512_bf16", LINMAPS_CPU="baseline")
+    assert result.returncode != 0
+    assert "RuntimeError: LINMAPS_BF16_PATH='avx512_bf16' cannot be used" in result.stderr
+
+
+def test_the_kernel_is_bitwise_the_same_for_any_thread_count(backend):
+    rng = np.random.default_rng(8)
+    x, w = random_bf16(rng, (300, 513)), random_bf16(rng, (250, 513))
+    g = random_bf16(rng, (300, 250))
+    before = linmaps.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            linmaps.set_num_threads(n)
+            results.append([linmaps.linear(x, w), *linmaps.linear_backward(g, x, w)])
+    finally:
+        linmaps.set_num_threads(before)
+    for other in results[1:]:
+        assert_same_bits(other, results[0])
+    assert_bf16_close(results[0][0], ref.linear(x, w), 513)
+
+
+def test_direct_kernel_against_a_float64_product():
+    from linmaps import _bf16_kernel, _cpp_backend
+
+    if "cpp" not in linmaps.available_backends() or _bf16_kernel._available() != "avx512_bf16":
+        pytest.skip("no AVX512-BF16 kernel here")
+    rng = np.random.default_rng(9)
+    gemm = _cpp_backend._core.bf16_gemm_nt
+    for m, k, n in [(0, 3, 4), (3, 0, 4), (1, 1, 1), (8, 64, 32), (9, 65, 33), (17, 7, 31)]:
+        a, b = random_bf16(rng, (m, k)), random_bf16(rng, (n, k))
+        c = gemm(a.view(np.uint16), b.view(np.uint16))
+        assert c.dtype == np.float32 and c.shape == (m, n)
+        ref.assert_close(c, ref.einsum2("ik,jk->ij", a, b), k, np.float32, np.float32)
+    with pytest.raises(ValueError, match=r"b must have shape \(4, 3\), got \(4, 2\)"):
+        gemm(np.zeros((2, 3), np.uint16), np.zeros((4, 2), np.uint16))
 
 
 # ----------------------------------------------------------------------------- fp32 modes

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _backend, _precision
+from . import _backend, _bf16_kernel, _precision
 from . import _validation as v
 
 __all__ = [
@@ -150,6 +150,9 @@ def linear(x, weight, bias=None):
         v.check_bias(fname, bias, (out_features,), weight.shape)
         arrays.append(bias)
     dtype = v.result_dtype(*arrays)
+    if _bf16_kernel.applies(dtype):
+        y = _bf16_kernel.linear_forward(_flat(x, in_features), weight, bias, dtype)
+        return y.reshape(x.shape[:-1] + (out_features,))
     work = v.compute_dtype(dtype)
     x2d = v.contiguous(_flat(x, in_features), work)
     y = _precision.backend_for(_backend.current(), dtype).linear_forward(
@@ -205,6 +208,19 @@ def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=
         fname, grad_out, x.shape[:-1] + (out_features,), _shapes(input=x, weight=weight)
     )
     dtype = v.result_dtype(grad_out, x, weight)
+    if _bf16_kernel.applies(dtype):
+        grad_x, grad_weight, grad_bias = _bf16_kernel.linear_backward(
+            _flat(grad_out, out_features),
+            _flat(x, in_features),
+            weight,
+            need_x,
+            need_weight,
+            need_bias,
+            dtype,
+        )
+        return LinearGrads(
+            None if grad_x is None else grad_x.reshape(x.shape), grad_weight, grad_bias
+        )
     work = v.compute_dtype(dtype)
     grad_x, grad_weight, grad_bias = _precision.backend_for(
         _backend.current(), dtype

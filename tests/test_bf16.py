@@ -572,3 +572,23 @@ def test_the_mode_is_per_thread(backend):
     assert_same_bits(seen["ieee"][1], ieee)
     assert_same_bits(seen["bf16"][1], bf16_results)
     assert linmaps.get_fp32_precision() == "ieee"
+
+
+def test_dask_in_bfloat16(backend):
+    da = pytest.importorskip("dask.array")
+    import linmaps.dask as ldask
+
+    rng = np.random.default_rng(10)
+    x1, x2 = random_bf16(rng, (40, 7)), random_bf16(rng, (40, 6))
+    w, g = random_bf16(rng, (4, 7, 6)), random_bf16(rng, (40, 4))
+
+    def chunks(a):
+        return da.from_array(a, chunks=(10, a.shape[1]))
+
+    z = ldask.bilinear(chunks(x1), chunks(x2), w).compute(scheduler="sync")
+    assert_same_bits([z], [linmaps.bilinear(x1, x2, w)])
+    grads = ldask.bilinear_backward(chunks(g), chunks(x1), chunks(x2), w)
+    expected = ref.bilinear_grads(g, x1, x2, w)
+    for got, want, terms in zip(grads, expected, (24, 28, 40, 40)):
+        got = got.compute(scheduler="sync") if hasattr(got, "compute") else got
+        assert_bf16_close(got, want, terms)

@@ -483,7 +483,7 @@ class Linear(_Layer):
         Size of the last dimension of the output.
     bias : bool, default True
         Whether the layer has an additive bias.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, ml_dtypes.bfloat16}, default float32
         dtype of the parameters and of every computation. Inputs of other real dtypes are
         converted to it; other dtypes raise TypeError.
     seed : int, optional
@@ -661,7 +661,7 @@ class Bilinear(_Layer):
         Size of the last dimension of the output.
     bias : bool, default True
         Whether the layer has an additive bias.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, ml_dtypes.bfloat16}, default float32
         dtype of the parameters and of every computation. Inputs of other real dtypes are
         converted to it; other dtypes raise TypeError.
     seed : int, optional

@@ -6,7 +6,8 @@
 // addition rounded to nearest even; it treats subnormal inputs as zero and flushes subnormal
 // results to zero (Intel SDM, VDPBF16PS). Every output element is the sum over k in the same
 // order (k pair by k pair, from an accumulator starting at zero) whatever the thread count:
-// threads share out whole output tiles, so results are bitwise identical for any count.
+// threads share out whole output tiles (detail::parallel_for, which also stops the call for a
+// Ctrl-C), so results are bitwise identical for any count.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -106,9 +107,11 @@ void gemm_nt(const std::uint16_t* a, const std::uint16_t* b, float* c, Index m, 
   pack_pairs(b, n, k, col_tiles * kTileCols, b_pairs.data());
   interleave_columns(b_pairs.data(), col_tiles * kTileCols, k2, b_tiles.data());
   const Index tiles = row_tiles * col_tiles;
-  // Consecutive tiles share a column tile of B (kept in cache across its row tiles).
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (Index t = 0; t < tiles; ++t) {
+  // Below kSerialFlops the call stays on the calling thread (waking the team costs more).
+  const double flops = 2.0 * double(m) * double(n) * double(k);
+  const int team = flops < detail::kSerialFlops ? 1 : detail::team_for(tiles, num_threads);
+  // Tile t covers rows of row tile t % row_tiles: consecutive tiles share B's column tile.
+  detail::parallel_for(tiles, team, [&](Index t, int) {
     const Index col_tile = t / row_tiles, row_tile = t % row_tiles;
     alignas(64) float c_tile[kTileRows * kTileCols];
     micro_kernel(a_pairs.data() + row_tile * kTileRows * k2,
@@ -118,7 +121,7 @@ void gemm_nt(const std::uint16_t* a, const std::uint16_t* b, float* c, Index m, 
     for (Index r = 0; r < rows; ++r) {
       std::memcpy(c + (row0 + r) * n + col0, c_tile + r * kTileCols, sizeof(float) * cols);
     }
-  }
+  });
 }
 #endif
 
@@ -148,8 +151,12 @@ Array<float> bf16_gemm_nt_py(const Array<std::uint16_t>& a, const Array<std::uin
     float* c_data = c.mutable_data();
     const double flops = binding::product_flops({m, n, k});
     const int num_threads = binding::threads_for(flops);
-    binding::ReleaseGil release(flops);
-    gemm_nt(a_data, b_data, c_data, m, n, k, num_threads);
+    binding::CallScope call(flops);
+    {
+      binding::ReleaseGil release(flops);
+      gemm_nt(a_data, b_data, c_data, m, n, k, num_threads);
+    }
+    call.raise_if_stopped();
   }
 #endif
   return c;

@@ -446,7 +446,64 @@ def test_bf16_mode_is_float32_on_rounded_factors(backend):
     for i in (3, 8, 13):
         expected[i] = ieee[i]
     assert all(a.dtype == np.float32 for a in got)
+    if backend == "cpp" and kernel_takes_modes():
+        # The linear products run on vdpbf16ps: other float32 sums of the same exact products.
+        lw = w[0].T
+        lg = g[..., :1].repeat(lw.shape[0], -1)
+        bias = np.repeat(b[:1], lw.shape[0])
+        y_ref = ref.linear(r(x1), r(lw), None)
+        y_ref = (y_ref[0] + bias, y_ref[1] + np.abs(bias))
+        ref.assert_close(got[0], y_ref, 40, np.float32, np.float32)
+        grads_ref = ref.linear_grads(r(lg), r(x1), r(lw))
+        for i, want, terms in zip((1, 2), grads_ref[:2], (24, 39)):
+            ref.assert_close(got[i], want, terms, np.float32, np.float32)
+        got, expected = got[3:], expected[3:]
     assert_same_bits(got, expected)
+
+
+def kernel_takes_modes():
+    from linmaps import _bf16_kernel
+
+    return _bf16_kernel.takes_modes(linmaps._backend._cpp_backend)
+
+
+def test_modes_on_the_kernel_match_the_float32_path(tmp_path):
+    # The linear products of the modes on vdpbf16ps against the same composition on the
+    # float32 kernels (LINMAPS_BF16_PATH=float32): the same meaning, so within float32's
+    # summation bound of each other; the bilinear map is on the float32 path in both.
+    if "cpp" not in linmaps.available_backends() or not kernel_takes_modes():
+        pytest.skip("no AVX512-BF16 kernel here")
+    code = """
+import sys
+import numpy as np, linmaps
+rng = np.random.default_rng(11)
+f32 = np.float32
+x, w = rng.standard_normal((70, 130)).astype(f32), rng.standard_normal((33, 130)).astype(f32)
+g = rng.standard_normal((70, 33)).astype(f32)
+out = {}
+for mode in ("bf16", "bf16x3"):
+    with linmaps.fp32_precision(mode):
+        out[mode + "_y"] = linmaps.linear(x, w)
+        out[mode + "_gx"], out[mode + "_gw"], _ = linmaps.linear_backward(g, x, w)
+np.savez(sys.argv[1], x=x, w=w, g=g, **out)
+"""
+    results = {}
+    for path in ("avx512_bf16", "float32"):
+        out = tmp_path / f"{path}.npz"
+        result = run_python(code, out, LINMAPS_BF16_PATH=path)
+        assert result.returncode == 0, result.stderr
+        results[path] = np.load(out)
+    kernel, float32 = results["avx512_bf16"], results["float32"]
+    x, w, g = kernel["x"], kernel["w"], kernel["g"]
+    y_ref, (gx_ref, gw_ref, _) = ref.linear(x, w), ref.linear_grads(g, x, w)
+    for key, want, terms in (("y", y_ref, 130), ("gx", gx_ref, 33), ("gw", gw_ref, 70)):
+        # bf16: both paths compute the same exact products, only the sums differ.
+        diff = np.abs(kernel["bf16_" + key].astype(np.float64) - float32["bf16_" + key])
+        assert np.all(diff <= 2 * (terms + 2) * np.finfo(np.float32).eps * want[1])
+        # bf16x3: each path close to float64 (the 3e-5 of docs/bfloat16.md, relative).
+        for results_of in (kernel, float32):
+            got = results_of["bf16x3_" + key]
+            assert np.linalg.norm(got - want[0]) <= 3e-5 * np.linalg.norm(want[0])
 
 
 def relative_errors(results, args):

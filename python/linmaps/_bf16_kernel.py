@@ -2,7 +2,8 @@
 
 * ``"avx512_bf16"``: the ``vdpbf16ps`` kernel of ``csrc/bf16.cpp``, in the modules built for
   AVX-512 (``avx512``, ``native``), on a CPU with AVX512-BF16. It computes the linear map's
-  products (``linear``, ``linear_backward`` and the ``Linear`` layer) from the bfloat16 bits.
+  products (``linear``, ``linear_backward`` and the ``Linear`` layer) from the bfloat16 bits,
+  for bfloat16 arrays and for the float32 modes ``"bf16"`` and ``"bf16x3"`` (``_precision``).
 * ``"float32"``: the bfloat16 arrays are widened to float32 (exactly) and computed by the
   float32 kernels. The bilinear map always takes this path.
 
@@ -102,3 +103,26 @@ def linear_backward(grad, x, weight, need_x, need_weight, need_bias, dtype):
         )[2]
         grad_bias = _bf16.from_float32(grad_bias, dtype)
     return grad_x, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- float32 modes
+
+
+def takes_modes(backend) -> bool:
+    """Whether the float32 modes' linear products run on the kernel (compiled backend)."""
+    return path == "avx512_bf16" and backend is _backend._cpp_backend
+
+
+def _bits_of(values: np.ndarray) -> np.ndarray:
+    """The bfloat16 bits of a float32 array that holds bfloat16 values (exact)."""
+    return (np.ascontiguousarray(values).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def products(pairs) -> np.ndarray:
+    """``sum(a @ b.T for a, b in pairs)`` for float32 arrays of bfloat16 values, ``a (M, K_i)``
+    and ``b (N, K_i)``: one kernel call on the operands laid end to end along k, so that
+    every entry is one float32 sum of exact products."""
+    gemm = _backend._cpp_backend._core.bf16_gemm_nt
+    a = np.concatenate([_bits_of(a) for a, _ in pairs], axis=1)
+    b = np.concatenate([_bits_of(b) for _, b in pairs], axis=1)
+    return gemm(a, b)

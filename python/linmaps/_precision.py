@@ -6,7 +6,10 @@ bfloat16 roundings; float64, float16 and bfloat16 arrays are never affected.
 
 The modes are defined on top of any backend's float32 functions, so both backends give them
 the same meaning: each product below is one call of the backend, on float32 arrays that hold
-bfloat16 values (whose pairwise products float32 holds exactly), with float32 sums.
+bfloat16 values (whose pairwise products float32 holds exactly), with float32 sums. Where the
+compiled backend has the ``vdpbf16ps`` kernel (``_bf16_kernel``), the linear map's products
+run on it instead, the terms of ``"bf16x3"`` in one float32 sum: the same meaning, other
+rounding.
 
 * ``"bf16"``: every factor of a product (inputs, weight, ``grad_out``) rounded to bfloat16.
   The bias, which is added and not multiplied, and the bias gradient (a sum of ``grad_out``)
@@ -28,7 +31,7 @@ import threading
 
 import numpy as np
 
-from . import _bf16
+from . import _bf16, _bf16_kernel
 
 MODES = ("ieee", "bf16", "bf16x3")
 
@@ -110,6 +113,13 @@ def _sum(*terms):
     return total
 
 
+def _add_bias(y, bias):
+    if bias is not None:
+        with np.errstate(all="ignore"):
+            y += bias
+    return y
+
+
 class _Mode:
     """A backend's contract (``_numpy_backend``) computed from the backend's own functions."""
 
@@ -133,12 +143,20 @@ class _Bf16(_Mode):
 
     def linear_forward(self, x, weight, bias):
         r = _bf16.round_float32
+        if _bf16_kernel.takes_modes(self.backend):
+            return _add_bias(_bf16_kernel.products([(r(x), r(weight))]), bias)
         return self.backend.linear_forward(r(x), r(weight), bias)
 
     def linear_backward(self, grad, x, weight, need_x, need_weight, need_bias):
         r = _bf16.round_float32
         grad_x, grad_weight = None, None
-        if need_x or need_weight:
+        if (need_x or need_weight) and _bf16_kernel.takes_modes(self.backend):
+            g = r(grad)
+            if need_x:
+                grad_x = _bf16_kernel.products([(g, r(weight).T)])
+            if need_weight:
+                grad_weight = _bf16_kernel.products([(g.T, r(x).T)])
+        elif need_x or need_weight:
             grad_x, grad_weight, _ = self.backend.linear_backward(
                 r(grad), r(x), r(weight), need_x, need_weight, False
             )
@@ -170,6 +188,10 @@ class _Bf16x3(_Mode):
 
     def linear_forward(self, x, weight, bias):
         (xh, xl), (wh, wl) = _bf16.split_float32(x), _bf16.split_float32(weight)
+        if _bf16_kernel.takes_modes(self.backend):
+            # The large term first, then the small ones, in one float32 sum.
+            y = _bf16_kernel.products([(xh, wh), (xh, wl), (xl, wh)])
+            return _add_bias(y, bias)
         f = self.backend.linear_forward
         # The small terms first, then the large one with the bias.
         return _sum(f(xh, wl, None), f(xl, wh, None), f(xh, wh, bias))
@@ -178,7 +200,13 @@ class _Bf16x3(_Mode):
         (gh, gl), (xh, xl) = _bf16.split_float32(grad), _bf16.split_float32(x)
         wh, wl = _bf16.split_float32(weight)
         grad_x, grad_weight = None, None
-        if need_x or need_weight:
+        if (need_x or need_weight) and _bf16_kernel.takes_modes(self.backend):
+            p = _bf16_kernel.products
+            if need_x:
+                grad_x = p([(gh, wh.T), (gh, wl.T), (gl, wh.T)])
+            if need_weight:
+                grad_weight = p([(gh.T, xh.T), (gh.T, xl.T), (gl.T, xh.T)])
+        elif need_x or need_weight:
             b = self.backend.linear_backward
             # grad_x = g @ w and grad_weight = g.T @ x: (gh, xl, wl) gives gh*wl and gh*xl.
             small_h = b(gh, xl, wl, need_x, need_weight, False)

@@ -296,12 +296,24 @@ def run_python(code, *args, **env_changes):
     )
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """Whether the CPU has AVX512-BF16, as the kernel's own CPUID check sees it (Linux's
+    flags; False where /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(
+                line.startswith("flags") and "avx512_bf16" in line.split() for line in cpuinfo
+            )
+    except OSError:
+        return False
+
+
 def bf16_kernel_levels():
     """The instruction-set levels whose module can run the vdpbf16ps kernel here."""
-    from linmaps import _bf16_kernel, _cpp_backend
+    from linmaps import _cpp_backend
 
-    if _bf16_kernel._available() != "avx512_bf16" and _cpp_backend.isa in ("avx512", "native"):
-        return ()  # the CPU has no AVX512-BF16
+    if not cpu_has_avx512_bf16():
+        return ()
     return tuple(lv for lv in _cpp_backend.available_isas if lv in ("avx512", "native"))
 
 

@@ -395,6 +395,11 @@ def test_direct_kernel_against_a_float64_product():
         c = gemm(a.view(np.uint16), b.view(np.uint16))
         assert c.dtype == np.float32 and c.shape == (m, n)
         ref.assert_close(c, ref.einsum2("ik,jk->ij", a, b), k, np.float32, np.float32)
+    # vdpbf16ps counts subnormal inputs and results as zero (docs/bfloat16.md).
+    tiny = bf16([[1e-39, 1e-20]])
+    ones = bf16([[1.0, 0.0], [0.0, 1e-19]])
+    c = gemm(tiny.view(np.uint16), ones.view(np.uint16))
+    assert tiny.astype(np.float32).all() and not c.any()
     with pytest.raises(ValueError, match=r"b must have shape \(4, 3\), got \(4, 2\)"):
         gemm(np.zeros((2, 3), np.uint16), np.zeros((4, 2), np.uint16))
 

@@ -630,3 +630,26 @@ def test_dask_in_bfloat16(backend):
     for got, want, terms in zip(grads, expected, (24, 28, 40, 40)):
         got = got.compute(scheduler="sync") if hasattr(got, "compute") else got
         assert_bf16_close(got, want, terms)
+
+
+def test_bfloat16_contexts_and_layers_survive_pickle_and_files(backend, tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(12)
+    x1, x2 = random_bf16(rng, (9, 7)), random_bf16(rng, (9, 6))
+    w, g = random_bf16(rng, (4, 7, 6)), random_bf16(rng, (9, 4))
+    _, ctx = linmaps.bilinear_with_context(x1, x2, w)
+    copy = pickle.loads(pickle.dumps(ctx))
+    assert "dtype=bfloat16" in repr(copy)
+    expected = linmaps.bilinear_backward(g, context=ctx)
+    assert_same_bits(linmaps.bilinear_backward(g, context=copy), expected)
+
+    layer = linmaps.Bilinear(7, 6, 4, dtype=ml_dtypes.bfloat16, seed=3)
+    path = tmp_path / "layer.npz"
+    layer.save(path)
+    with np.load(path) as saved:
+        assert saved["weight"].dtype == np.float32  # .npy has no bfloat16: exact float32
+    loaded = linmaps.Bilinear(7, 6, 4, dtype=ml_dtypes.bfloat16, seed=4)
+    loaded.load(path)
+    assert_same_bits([loaded.weight, loaded.bias], [layer.weight, layer.bias])
+    assert_same_bits([pickle.loads(pickle.dumps(layer)).weight], [layer.weight])

@@ -379,7 +379,7 @@ class BilinearContext:
 
     def __reduce__(self):
         backend = "cpp" if self._backend is _backend._cpp_backend else "python"
-        return (_unpickled_context, (self._arrays, self._shapes, self._dtype.str, backend))
+        return (_unpickled_context, (self._arrays, self._shapes, self._dtype, backend))
 
     def __repr__(self) -> str:
         x1, x2, weight = self._shapes

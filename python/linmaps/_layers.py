@@ -362,12 +362,17 @@ class _Layer:
     def save(self, path) -> None:
         """Write ``state_dict()`` to an ``.npz`` archive at exactly ``path`` (str, path-like or
         a binary file object). Unlike ``numpy.savez``, no ``.npz`` suffix is appended, so
-        ``load(path)`` reads the same path back."""
+        ``load(path)`` reads the same path back. A bfloat16 layer's parameters are written as
+        float32 (exactly: ``.npy`` files have no bfloat16)."""
+        state = {
+            name: _bf16.to_float32(value) if _bf16.is_bfloat16(value.dtype) else value
+            for name, value in self.state_dict().items()
+        }
         if hasattr(path, "write"):
-            np.savez(path, **self.state_dict())
+            np.savez(path, **state)
             return
         with open(path, "wb") as file:
-            np.savez(file, **self.state_dict())
+            np.savez(file, **state)
 
     def load(self, path, strict: bool = True) -> IncompatibleKeys:
         """Load parameters from an ``.npz`` archive, as written by ``save`` or

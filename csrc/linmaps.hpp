@@ -31,6 +31,7 @@ void bind_threads(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_bilinear(py::module_& m);
 void bind_pairs(py::module_& m);
+void bind_bf16(py::module_& m);
 
 namespace binding {
 

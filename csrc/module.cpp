@@ -61,4 +61,5 @@ PYBIND11_MODULE(LINMAPS_MODULE_NAME, m) {
   linmaps::bind_linear(m);
   linmaps::bind_bilinear(m);
   linmaps::bind_pairs(m);
+  linmaps::bind_bf16(m);
 }

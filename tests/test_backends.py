@@ -186,6 +186,9 @@ def test_public_names():
         "bilinear_pairs",
         "bilinear_pairs_backward",
         "BilinearPairs",
+        "fp32_precision",
+        "get_fp32_precision",
+        "set_fp32_precision",
     }
     assert expected == set(linmaps.__all__) - {"__version__"}
     for name in linmaps.__all__:

@@ -6,6 +6,8 @@ Functional API: :func:`linear`, :func:`linear_backward`, :func:`bilinear`,
 :class:`Bilinear`, :class:`BilinearPairs`. Backends: ``"cpp"`` (compiled, Eigen + OpenMP, the
 default when present) and ``"python"`` (pure NumPy, the fallback and the test oracle); see
 :func:`get_backend`, :func:`set_backend`, :func:`use_backend` and ``LINMAPS_BACKEND``.
+``ml_dtypes.bfloat16`` arrays and the float32 precision modes: :func:`fp32_precision`
+(docs/bfloat16.md).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ._backend import (
 from ._config import show_config
 from ._layers import Bilinear, Linear, LoadError
 from ._pairs import BilinearPairs, bilinear_pairs, bilinear_pairs_backward
+from ._precision import fp32_precision, get_fp32_precision, set_fp32_precision
 
 try:
     __version__ = _version("linmaps")
@@ -58,11 +61,14 @@ __all__ = [
     "bilinear_pairs",
     "bilinear_pairs_backward",
     "bilinear_with_context",
+    "fp32_precision",
     "get_backend",
+    "get_fp32_precision",
     "get_num_threads",
     "linear",
     "linear_backward",
     "set_backend",
+    "set_fp32_precision",
     "set_num_threads",
     "share_blas_threads",
     "show_config",

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _bf16_kernel, _precision
 from . import _validation as v
 
 __all__ = [
@@ -131,7 +131,11 @@ def linear(x, weight, bias=None):
     """
     # Fast path, as in bilinear(): exact arguments go straight to the compiled kernel.
     fast = _backend.fast_core
-    if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+    if (
+        fast is not None
+        and (_backend._override.get() or _backend._default) == "cpp"
+        and _precision.ieee()
+    ):
         y = fast.linear_forward_fast(x, weight, bias)
         if y is not None:
             return y
@@ -146,9 +150,12 @@ def linear(x, weight, bias=None):
         v.check_bias(fname, bias, (out_features,), weight.shape)
         arrays.append(bias)
     dtype = v.result_dtype(*arrays)
+    if _bf16_kernel.applies(dtype):
+        y = _bf16_kernel.linear_forward(_flat(x, in_features), weight, bias, dtype)
+        return y.reshape(x.shape[:-1] + (out_features,))
     work = v.compute_dtype(dtype)
     x2d = v.contiguous(_flat(x, in_features), work)
-    y = _backend.current().linear_forward(
+    y = _precision.backend_for(_backend.current(), dtype).linear_forward(
         x2d, v.contiguous(weight, work), None if bias is None else v.contiguous(bias, work)
     )
     return _restore(y, x.shape[:-1] + (out_features,), dtype)
@@ -180,7 +187,11 @@ def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=
     """
     # Fast path, as in linear(): exact arrays and flags go straight to the compiled kernel.
     fast = _backend.fast_core
-    if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+    if (
+        fast is not None
+        and (_backend._override.get() or _backend._default) == "cpp"
+        and _precision.ieee()
+    ):
         grads = fast.linear_backward_fast(grad_out, x, weight, bias, need_x, need_weight)
         if grads is not None:
             return _tuple_new(LinearGrads, grads)
@@ -197,8 +208,23 @@ def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=
         fname, grad_out, x.shape[:-1] + (out_features,), _shapes(input=x, weight=weight)
     )
     dtype = v.result_dtype(grad_out, x, weight)
+    if _bf16_kernel.applies(dtype):
+        grad_x, grad_weight, grad_bias = _bf16_kernel.linear_backward(
+            _flat(grad_out, out_features),
+            _flat(x, in_features),
+            weight,
+            need_x,
+            need_weight,
+            need_bias,
+            dtype,
+        )
+        return LinearGrads(
+            None if grad_x is None else grad_x.reshape(x.shape), grad_weight, grad_bias
+        )
     work = v.compute_dtype(dtype)
-    grad_x, grad_weight, grad_bias = _backend.current().linear_backward(
+    grad_x, grad_weight, grad_bias = _precision.backend_for(
+        _backend.current(), dtype
+    ).linear_backward(
         v.contiguous(_flat(grad_out, out_features), work),
         v.contiguous(_flat(x, in_features), work),
         v.contiguous(weight, work),
@@ -294,12 +320,16 @@ def bilinear(x1, x2, weight, bias=None):
     # Fast path: arguments already exact C-contiguous float32/float64 ndarrays of one dtype and
     # fitting shapes go straight to the same compiled kernel (None otherwise: validate below).
     fast = _backend.fast_core
-    if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+    if (
+        fast is not None
+        and (_backend._override.get() or _backend._default) == "cpp"
+        and _precision.ieee()
+    ):
         z = fast.bilinear_forward_fast(x1, x2, weight, bias)
         if z is not None:
             return z
     prepared, dtype, x1, _, weight = _prepared_bilinear("bilinear", x1, x2, weight, bias)
-    z = _backend.current().bilinear_forward(*prepared)
+    z = _precision.backend_for(_backend.current(), dtype).bilinear_forward(*prepared)
     return _restore(z, x1.shape[:-1] + weight.shape[:-2], dtype)
 
 
@@ -349,7 +379,7 @@ class BilinearContext:
 
     def __reduce__(self):
         backend = "cpp" if self._backend is _backend._cpp_backend else "python"
-        return (_unpickled_context, (self._arrays, self._shapes, self._dtype.str, backend))
+        return (_unpickled_context, (self._arrays, self._shapes, self._dtype, backend))
 
     def __repr__(self) -> str:
         x1, x2, weight = self._shapes
@@ -417,6 +447,7 @@ def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=N
         and (reuse is None or type(reuse) is BilinearContext)
         and (keep_bytes is None or (type(keep_bytes) is int and 0 <= keep_bytes <= _KEEP_BYTES_MAX))
         and (_backend._override.get() or _backend._default) == "cpp"
+        and _precision.ieee()
     ):
         budget = KEEP_BYTES_DEFAULT if keep_bytes is None else keep_bytes
         buffer = None if reuse is None else reuse._kept
@@ -453,11 +484,12 @@ def _forward_keeping(fname, x1, x2, weight, bias, budget, buffer):
     prepared, dtype, x1_in, x2_in, weight_in = _prepared_bilinear(fname, x1, x2, weight, bias)
     x1c, x2c, weightc, _ = prepared
     backend = _backend.current()
+    compute = _precision.backend_for(backend, dtype)
     work = x1c.dtype
     out_features, in1, in2 = weightc.shape
     elements = backend.bilinear_kept_elements(x1c.shape[0], in1, in2, out_features, work)
     kept = None
-    if elements * work.itemsize <= budget:
+    if elements * work.itemsize <= budget and compute is backend:
         if (
             buffer is not None
             and buffer.dtype == work
@@ -468,7 +500,7 @@ def _forward_keeping(fname, x1, x2, weight, bias, budget, buffer):
             kept = buffer
         else:
             kept = np.empty(elements, dtype=work)
-    z = backend.bilinear_forward(*prepared, kept)
+    z = compute.bilinear_forward(*prepared, kept)
     arg_dtype = v.result_dtype(x1_in, x2_in, weight_in)
     ctx = BilinearContext(
         (x1c, x2c, weightc), (x1_in.shape, x2_in.shape, weight_in.shape), arg_dtype, backend, kept
@@ -518,7 +550,11 @@ def bilinear_backward(
     # Fast path, as in bilinear(): exact arrays and flags go straight to the compiled kernel
     # (with a context's arrays and kept T if it was made by the compiled backend).
     fast = _backend.fast_core
-    if fast is not None and (_backend._override.get() or _backend._default) == "cpp":
+    if (
+        fast is not None
+        and (_backend._override.get() or _backend._default) == "cpp"
+        and _precision.ieee()
+    ):
         if context is None:
             grads = fast.bilinear_backward_fast(
                 grad_out, x1, x2, weight, bias, need_x1, need_x2, need_weight
@@ -599,7 +635,9 @@ def bilinear_backward(
         x2c = v.contiguous(_flat(x2, in2), work)
         weightc = v.contiguous(weight.reshape(out_features, in1, in2), work)
     out_shape = weight_shape[:-2]
-    grad_x1, grad_x2, grad_weight, grad_bias = _backend.current().bilinear_backward(
+    grad_x1, grad_x2, grad_weight, grad_bias = _precision.backend_for(
+        _backend.current(), dtype
+    ).bilinear_backward(
         v.contiguous(grad_out.reshape(x1c.shape[0], weightc.shape[0]), work),
         x1c,
         x2c,

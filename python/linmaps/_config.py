@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from . import _backend, _threads
+from . import _backend, _bf16_kernel, _threads
 
 
 def _openmp_runtime() -> str:
@@ -76,6 +76,8 @@ def config() -> dict:
                 "isa": _backend._cpp_backend.isa,
                 "available_isas": list(_backend._cpp_backend.available_isas),
                 "simd": core.simd,
+                # AMX is not built: "avx512_bf16" or "float32" (docs/bfloat16.md).
+                "bfloat16_path": _bf16_kernel.path,
                 "openmp": f"{core.openmp} ({_openmp_runtime()})",
                 "openmp_wait": _threads.wait_policy,
                 **(
@@ -93,6 +95,7 @@ def config() -> dict:
 def show_config() -> None:
     """Print versions (linmaps, NumPy, PyTorch if installed, Eigen), compiler and flags, the
     instruction set selected and those available, OpenMP runtime and its spin setting, thread
-    count and cap, whose threads NumPy's BLAS runs on, and the backend."""
+    count and cap, whose threads NumPy's BLAS runs on, the backend, and the path of bfloat16
+    products (``avx512_bf16`` or ``float32``)."""
     for key, value in config().items():
         print(f"{key:>20}: {value}")

@@ -231,3 +231,11 @@ def linear_layer_backward_fast(
 
 def bilinear_kept_elements(batch: int, in1: int, in2: int, out: int, itemsize: int) -> int:
     """Length of the buffer bilinear_forward keeps T in, for this shape and item size."""
+
+def bf16_path() -> str:
+    """'avx512_bf16' if this module has the AVX512-BF16 kernel and the CPU runs it, else
+    'float32' (csrc/bf16.cpp)."""
+
+def bf16_gemm_nt(a: npt.NDArray[np.uint16], b: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
+    """a (M, K) @ b (N, K).T for bfloat16 bits: float32 (M, N), float32 sums; RuntimeError
+    where bf16_path() is 'float32'."""

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _api, _backend, _npz
+from . import _api, _backend, _bf16, _npz, _precision
 from . import _validation as v
 
 __all__ = ["Bilinear", "IncompatibleKeys", "Linear", "LoadError"]
@@ -62,9 +62,13 @@ def _layer_dtype(where: str, dtype) -> np.dtype:
     except (TypeError, ValueError):
         resolved = None
     # `is None` first: np.dtype.__eq__ takes None for float64, so `None in _LAYER_DTYPES` holds.
+    if resolved is not None and _bf16.is_bfloat16(resolved):
+        return resolved
     if resolved is None or resolved not in _LAYER_DTYPES:
         got = repr(dtype) if resolved is None else resolved.name
-        raise TypeError(f"{where}: dtype must be float32 or float64, got {got}")
+        raise TypeError(
+            f"{where}: dtype must be float32 or float64, or ml_dtypes.bfloat16, got {got}"
+        )
     return resolved
 
 
@@ -99,7 +103,7 @@ def _parameter_value(where: str, name: str, value, shape: tuple, dtype: np.dtype
         array = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{where}: {name} cannot be converted to an array: {exc}") from None
-    if array.dtype.kind not in "biuf":
+    if array.dtype.kind not in "biuf" and not _bf16.is_bfloat16(array.dtype):
         raise TypeError(
             f"{where}: {name} has dtype {array.dtype}, which cannot be cast to the "
             f"layer's dtype {dtype}; expected a real floating-point, integer or "
@@ -358,12 +362,17 @@ class _Layer:
     def save(self, path) -> None:
         """Write ``state_dict()`` to an ``.npz`` archive at exactly ``path`` (str, path-like or
         a binary file object). Unlike ``numpy.savez``, no ``.npz`` suffix is appended, so
-        ``load(path)`` reads the same path back."""
+        ``load(path)`` reads the same path back. A bfloat16 layer's parameters are written as
+        float32 (exactly: ``.npy`` files have no bfloat16)."""
+        state = {
+            name: _bf16.to_float32(value) if _bf16.is_bfloat16(value.dtype) else value
+            for name, value in self.state_dict().items()
+        }
         if hasattr(path, "write"):
-            np.savez(path, **self.state_dict())
+            np.savez(path, **state)
             return
         with open(path, "wb") as file:
-            np.savez(file, **self.state_dict())
+            np.savez(file, **state)
 
     def load(self, path, strict: bool = True) -> IncompatibleKeys:
         """Load parameters from an ``.npz`` archive, as written by ``save`` or
@@ -479,7 +488,7 @@ class Linear(_Layer):
         Size of the last dimension of the output.
     bias : bool, default True
         Whether the layer has an additive bias.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, ml_dtypes.bfloat16}, default float32
         dtype of the parameters and of every computation. Inputs of other real dtypes are
         converted to it; other dtypes raise TypeError.
     seed : int, optional
@@ -552,6 +561,7 @@ class Linear(_Layer):
             save_for_backward is True
             and fast is not None
             and (_backend._override.get() or _backend._default) == "cpp"
+            and _precision.ieee()
         ):
             result = fast.linear_layer_forward_fast(
                 x, self._params["weight"], self._params.get("bias"), self._copy_inputs
@@ -605,6 +615,7 @@ class Linear(_Layer):
             self._saved is not None
             and fast is not None
             and (_backend._override.get() or _backend._default) == "cpp"
+            and _precision.ieee()
         ):
             grads = fast.linear_layer_backward_fast(
                 grad_out,
@@ -655,7 +666,7 @@ class Bilinear(_Layer):
         Size of the last dimension of the output.
     bias : bool, default True
         Whether the layer has an additive bias.
-    dtype : {numpy.float32, numpy.float64}, default float32
+    dtype : {numpy.float32, numpy.float64, ml_dtypes.bfloat16}, default float32
         dtype of the parameters and of every computation. Inputs of other real dtypes are
         converted to it; other dtypes raise TypeError.
     seed : int, optional
@@ -793,6 +804,7 @@ class Bilinear(_Layer):
             save_for_backward is False
             and fast is not None
             and (_backend._override.get() or _backend._default) == "cpp"
+            and _precision.ieee()
         ):
             z = fast.bilinear_forward_fast(x1, x2, self._params["weight"], self._params.get("bias"))
             if z is not None:
@@ -804,6 +816,7 @@ class Bilinear(_Layer):
             and keep_bytes is None
             and fast is not None
             and (_backend._override.get() or _backend._default) == "cpp"
+            and _precision.ieee()
         ):
             # Nothing of the last batch stays valid if this call is interrupted part-way.
             self._release_kept_t()
@@ -882,6 +895,7 @@ class Bilinear(_Layer):
             self._saved is not None
             and fast is not None
             and (_backend._override.get() or _backend._default) == "cpp"
+            and _precision.ieee()
         ):
             x1, x2 = self._saved
             grads = fast.bilinear_layer_backward_fast(

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-_SUPPORTED = "a real floating-point (float16, float32, float64), integer or bool array"
+from . import _bf16
+
+_SUPPORTED = (
+    "a real floating-point (float16, float32, float64, ml_dtypes.bfloat16), integer or bool array"
+)
 
 
 def as_array(fname: str, name: str, value) -> np.ndarray:
@@ -24,6 +28,8 @@ def as_array(fname: str, name: str, value) -> np.ndarray:
     if kind in "biu":
         return array
     if kind == "f" and array.dtype.itemsize in (2, 4, 8):
+        return array
+    if kind == "V" and _bf16.is_bfloat16(array.dtype):
         return array
     raise TypeError(
         f"{fname}(): {name} has dtype {array.dtype}, which is not supported; expected {_SUPPORTED}"
@@ -49,8 +55,10 @@ def result_dtype(*arrays: np.ndarray) -> np.dtype:
 
 
 def compute_dtype(result: np.dtype) -> np.dtype:
-    """float16 has no fast kernels: it is computed in float32 and rounded once at the end."""
-    return np.dtype(np.float32) if result == np.float16 else result
+    """float16 and bfloat16 are computed in float32 and rounded once at the end."""
+    if result.kind == "V" or result == np.float16:
+        return np.dtype(np.float32)
+    return result
 
 
 def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -70,6 +78,12 @@ def contiguous(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     flags = array.flags
     if array.dtype == dtype and flags.c_contiguous and flags.aligned:
         return array
+    # bfloat16 converts on its bits (_bf16): exact to float32, rounded once from float32.
+    if array.dtype != dtype and _bf16.is_bfloat16(array.dtype):
+        widened = _bf16.to_float32(array)
+        return widened if dtype == np.float32 else contiguous(widened, dtype)
+    if dtype.kind == "V" and array.dtype == np.float32:
+        return _bf16.from_float32(array, dtype)
     with np.errstate(all="ignore"):
         if not flags.aligned:
             return np.array(array, dtype=dtype, order="C", copy=True)

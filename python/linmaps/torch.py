@@ -8,9 +8,10 @@ linmaps' kernels for CPU float32/float64 tensors (``docs/torch.md``).
     z = lt.bilinear(x1, x2, weight, bias)  # like torch.nn.functional.bilinear
 
 linmaps computes only what its kernels compute exactly as PyTorch would: strided CPU
-tensors, all float32 or all float64, shapes PyTorch accepts without broadcasting, outside CPU
-autocast. Everything else (CUDA and other devices, float16, bfloat16, integer, complex or
-mixed dtypes, a broadcast bias, bad shapes) goes to PyTorch's own
+tensors, all float32, all float64 or (with ``ml_dtypes`` installed) all bfloat16, shapes
+PyTorch accepts without broadcasting, outside CPU autocast. Everything else (CUDA and other
+devices, float16, integer, complex or mixed dtypes, a broadcast bias, bad shapes) goes to
+PyTorch's own
 ``torch.nn.functional.linear``/``bilinear``, which computes it or raises its own error.
 
 What linmaps computes runs on one of four layers (``_layer``): the kernels directly when no
@@ -33,7 +34,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from . import _api, _backend, _threads
+from . import _api, _backend, _bf16, _threads
 
 try:
     if "torch" in sys.modules:
@@ -60,7 +61,7 @@ if not hasattr(torch, "library") or not hasattr(torch.library, "custom_op"):  # 
 
 __all__ = ["Biaffine", "Bilinear", "Linear", "bilinear", "bilinear_pairs", "linear"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CPU = torch.device("cpu")
 
 
@@ -98,7 +99,31 @@ def _numpy(tensor: Tensor):
     tensor = tensor.detach()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: its bits, as ml_dtypes'
+        return tensor.resolve_neg().view(torch.int16).numpy().view(_bf16.dtype())
     return tensor.resolve_neg().numpy()
+
+
+def _from_numpy(array) -> Tensor:
+    """A tensor sharing ``array``'s memory (an ``ml_dtypes.bfloat16`` array as bfloat16)."""
+    if array.dtype.kind == "V":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _bfloat16_usable() -> bool:
+    """Whether bfloat16 tensors can go to linmaps: ml_dtypes is installed (imported once)."""
+    global _BFLOAT16_USABLE
+    if _BFLOAT16_USABLE is None:
+        try:
+            _bf16.dtype()
+            _BFLOAT16_USABLE = True
+        except TypeError:
+            _BFLOAT16_USABLE = False
+    return _BFLOAT16_USABLE
+
+
+_BFLOAT16_USABLE = None
 
 
 def _follow_torch_threads() -> None:
@@ -111,7 +136,7 @@ def _optional(tensor):
 
 
 def _tensors(arrays) -> tuple:
-    return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
+    return tuple(None if a is None else _from_numpy(a) for a in arrays)
 
 
 def _stand_in(shape, like: Tensor) -> Tensor:
@@ -120,7 +145,8 @@ def _stand_in(shape, like: Tensor) -> Tensor:
     check every argument's shape. Zeros from ``calloc`` in eager mode (no page is touched), a
     traced ``zeros`` under torch.compile."""
     if type(like) in _PLAIN_TYPES and not torch.compiler.is_compiling():
-        return torch.from_numpy(np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[like.dtype]))
+        zeros = torch.from_numpy(np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[like.dtype]))
+        return zeros.view(like.dtype)  # int16 zeros are bfloat16 zeros
     return torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
 
 
@@ -131,7 +157,7 @@ def _stand_in(shape, like: Tensor) -> Tensor:
 
 def _linear_kernel(input, weight, bias) -> Tensor:
     _follow_torch_threads()
-    return torch.from_numpy(_api.linear(_numpy(input), _numpy(weight), _optional(bias)))
+    return _from_numpy(_api.linear(_numpy(input), _numpy(weight), _optional(bias)))
 
 
 def _linear_backward_kernel(grad, input, weight, need_input, need_weight, need_bias) -> tuple:
@@ -150,7 +176,7 @@ def _linear_backward_kernel(grad, input, weight, need_input, need_weight, need_b
 def _bilinear_kernel(input1, input2, weight, bias) -> Tensor:
     _follow_torch_threads()
     z = _api.bilinear(_numpy(input1), _numpy(input2), _numpy(weight), _optional(bias))
-    return torch.from_numpy(z)
+    return _from_numpy(z)
 
 
 def _bilinear_backward_kernel(
@@ -186,7 +212,7 @@ def _bilinear_backward_kernel(
 
 _KERNEL, _GRAPH, _TRANSFORM, _OPERATOR = range(4)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16}
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
@@ -869,7 +895,7 @@ class _BilinearKeptFunction(torch.autograd.Function):
         z, ctx.linmaps_context = _api.bilinear_with_context(
             _numpy(input1), _numpy(input2), _numpy(weight), _optional(bias)
         )
-        return torch.from_numpy(z)
+        return _from_numpy(z)
 
     @staticmethod
     def backward(ctx, grad):
@@ -1069,10 +1095,11 @@ if hasattr(_linear_op, "register_vmap"):
 
 
 def _kernel_tensors(*tensors) -> bool:
-    """Whether linmaps' kernels take these tensors: strided CPU tensors of one float32 or
-    float64 dtype (plain tensors or parameters, or the fake tensors of torch.compile)."""
+    """Whether linmaps' kernels take these tensors: strided CPU tensors of one float32,
+    float64 or (with ml_dtypes installed) bfloat16 dtype (plain tensors or parameters, or the
+    fake tensors of torch.compile)."""
     dtype = tensors[0].dtype
-    if dtype not in _KERNEL_DTYPES:
+    if dtype not in _KERNEL_DTYPES or (dtype == torch.bfloat16 and not _bfloat16_usable()):
         return False
     for tensor in tensors:
         if tensor.dtype != dtype or tensor.device != _CPU or tensor.layout != torch.strided:

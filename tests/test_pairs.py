@@ -264,6 +264,19 @@ def test_float16_computed_in_float32(backend):
         assert_close(got, ref[name], terms, np.float32, np.float16)
 
 
+def test_bfloat16_computed_in_float32_and_rounded_once(backend):
+    pytest.importorskip("ml_dtypes")
+    from bf16_helpers import assert_bf16_close, bf16
+
+    rng = np.random.default_rng(9)
+    x1, x2, w, b, g = (bf16(a) for a in make(rng, (2,), 5, 7, 9, 6, 3))
+    assert_bf16_close(linmaps.bilinear_pairs(x1, x2, w, b), oracle(x1, x2, w, b), 9 * 6 + 1)
+    grads = linmaps.bilinear_pairs_backward(g, x1, x2, w)
+    ref = oracle_grads(g, x1, x2, w)
+    for got, name, terms in zip(grads, ("x1", "x2", "weight", "bias"), (126, 135, 70, 70)):
+        assert_bf16_close(got, ref[name], terms)
+
+
 def test_mixed_dtypes_promote(backend):
     rng = np.random.default_rng(7)
     x1, x2, w, _, _ = make(rng, (2,), 3, 4, 5, 6, 2)

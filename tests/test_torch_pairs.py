@@ -137,12 +137,26 @@ def test_torch_compile_fullgraph():
 
 
 def test_other_dtypes_go_to_einsum():
+    x1 = randn(2, 3, 4, dtype=torch.float16, requires_grad=True)
+    x2, weight = randn(2, 5, 6, dtype=torch.float16, seed=1), randn(2, 4, 6, seed=2)
+    s = lt.bilinear_pairs(x1, x2, weight.to(torch.float16))
+    assert s.dtype == torch.float16 and not ran_linmaps(s)
+    expected = einsum_pairs(x1.double(), x2.double(), weight.to(torch.float16).double())
+    torch.testing.assert_close(s.double(), expected, rtol=0.01, atol=0.02)
+
+
+def test_bfloat16_runs_on_linmaps_with_bfloat16_gradients():
+    pytest.importorskip("ml_dtypes")
     x1 = randn(2, 3, 4, dtype=torch.bfloat16, requires_grad=True)
-    x2, weight = randn(2, 5, 6, dtype=torch.bfloat16, seed=1), randn(2, 4, 6, seed=2)
-    s = lt.bilinear_pairs(x1, x2, weight.to(torch.bfloat16))
-    assert s.dtype == torch.bfloat16 and not ran_linmaps(s)
-    expected = einsum_pairs(x1.double(), x2.double(), weight.to(torch.bfloat16).double())
-    torch.testing.assert_close(s.double(), expected, rtol=0.05, atol=0.1)
+    x2 = randn(2, 5, 6, dtype=torch.bfloat16, seed=1, requires_grad=True)
+    weight = randn(2, 4, 6, seed=2).to(torch.bfloat16).requires_grad_()
+    s = lt.bilinear_pairs(x1, x2, weight)
+    assert s.dtype == torch.bfloat16 and ran_linmaps(s)
+    expected = einsum_pairs(x1.double(), x2.double(), weight.double())
+    # float32 sums of 24 exact products, rounded once to bfloat16 (half an ulp: 2**-8)
+    torch.testing.assert_close(s.double(), expected, rtol=2.0**-8, atol=1e-5)
+    s.sum().backward()
+    assert x1.grad.dtype == x2.grad.dtype == weight.grad.dtype == torch.bfloat16
 
 
 def test_bad_shapes_raise_torch_errors():

@@ -19,6 +19,7 @@ from . import _pairs
 from .torch import (
     _KERNEL,
     _follow_torch_threads,
+    _from_numpy,
     _kernel_tensors,
     _layer,
     _linmaps_takes,
@@ -37,7 +38,7 @@ __all__ = ["Biaffine", "bilinear_pairs"]
 def _pairs_kernel(input1, input2, weight, bias) -> Tensor:
     _follow_torch_threads()
     s = _pairs.bilinear_pairs(_numpy(input1), _numpy(input2), _numpy(weight), _optional(bias))
-    return torch.from_numpy(s)
+    return _from_numpy(s)
 
 
 def _pairs_backward_kernel(grad, input1, input2, weight, *needs) -> tuple:

@@ -130,12 +130,8 @@ def linear(x, weight, bias=None):
         If an argument has a complex, object, string or other unsupported dtype.
     """
     # Fast path, as in bilinear(): exact arguments go straight to the compiled kernel.
-    fast = _backend.fast_core
-    if (
-        fast is not None
-        and (_backend._override.get() or _backend._default) == "cpp"
-        and _precision.ieee()
-    ):
+    fast = _precision.fast_core()
+    if fast is not None:
         y = fast.linear_forward_fast(x, weight, bias)
         if y is not None:
             return y
@@ -186,12 +182,8 @@ def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=
         grad_bias (out_features,))``, each None when not requested.
     """
     # Fast path, as in linear(): exact arrays and flags go straight to the compiled kernel.
-    fast = _backend.fast_core
-    if (
-        fast is not None
-        and (_backend._override.get() or _backend._default) == "cpp"
-        and _precision.ieee()
-    ):
+    fast = _precision.fast_core()
+    if fast is not None:
         grads = fast.linear_backward_fast(grad_out, x, weight, bias, need_x, need_weight)
         if grads is not None:
             return _tuple_new(LinearGrads, grads)
@@ -319,12 +311,8 @@ def bilinear(x1, x2, weight, bias=None):
     """
     # Fast path: arguments already exact C-contiguous float32/float64 ndarrays of one dtype and
     # fitting shapes go straight to the same compiled kernel (None otherwise: validate below).
-    fast = _backend.fast_core
-    if (
-        fast is not None
-        and (_backend._override.get() or _backend._default) == "cpp"
-        and _precision.ieee()
-    ):
+    fast = _precision.fast_core()
+    if fast is not None:
         z = fast.bilinear_forward_fast(x1, x2, weight, bias)
         if z is not None:
             return z
@@ -441,13 +429,11 @@ def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=N
     ctx : BilinearContext
     """
     # Fast path, as in bilinear(): exact arrays (and an int budget) go to one compiled call.
-    fast = _backend.fast_core
+    fast = _precision.fast_core()
     if (
         fast is not None
         and (reuse is None or type(reuse) is BilinearContext)
         and (keep_bytes is None or (type(keep_bytes) is int and 0 <= keep_bytes <= _KEEP_BYTES_MAX))
-        and (_backend._override.get() or _backend._default) == "cpp"
-        and _precision.ieee()
     ):
         budget = KEEP_BYTES_DEFAULT if keep_bytes is None else keep_bytes
         buffer = None if reuse is None else reuse._kept
@@ -549,12 +535,8 @@ def bilinear_backward(
     """
     # Fast path, as in bilinear(): exact arrays and flags go straight to the compiled kernel
     # (with a context's arrays and kept T if it was made by the compiled backend).
-    fast = _backend.fast_core
-    if (
-        fast is not None
-        and (_backend._override.get() or _backend._default) == "cpp"
-        and _precision.ieee()
-    ):
+    fast = _precision.fast_core()
+    if fast is not None:
         if context is None:
             grads = fast.bilinear_backward_fast(
                 grad_out, x1, x2, weight, bias, need_x1, need_x2, need_weight

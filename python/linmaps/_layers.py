@@ -556,13 +556,8 @@ class Linear(_Layer):
         y : ndarray, shape (..., out_features), the layer's dtype
         """
         # Fast path, as in Bilinear.forward.
-        fast = _backend.fast_core
-        if (
-            save_for_backward is True
-            and fast is not None
-            and (_backend._override.get() or _backend._default) == "cpp"
-            and _precision.ieee()
-        ):
+        fast = _precision.fast_core()
+        if save_for_backward is True and fast is not None:
             result = fast.linear_layer_forward_fast(
                 x, self._params["weight"], self._params.get("bias"), self._copy_inputs
             )
@@ -610,13 +605,8 @@ class Linear(_Layer):
         ValueError
             If ``grad_out`` does not have the shape of the last output.
         """
-        fast = _backend.fast_core
-        if (
-            self._saved is not None
-            and fast is not None
-            and (_backend._override.get() or _backend._default) == "cpp"
-            and _precision.ieee()
-        ):
+        fast = _precision.fast_core()
+        if self._saved is not None and fast is not None:
             grads = fast.linear_layer_backward_fast(
                 grad_out,
                 self._saved[0],
@@ -798,26 +788,15 @@ class Bilinear(_Layer):
         """
         # Fast path: exact arrays of the layer's dtype go to one compiled call that copies the
         # inputs, keeps T (reusing the last buffer) and runs the same kernel.
-        fast = _backend.fast_core
+        fast = _precision.fast_core()
         buffer = None
-        if (
-            save_for_backward is False
-            and fast is not None
-            and (_backend._override.get() or _backend._default) == "cpp"
-            and _precision.ieee()
-        ):
+        if save_for_backward is False and fast is not None:
             z = fast.bilinear_forward_fast(x1, x2, self._params["weight"], self._params.get("bias"))
             if z is not None:
                 self._release_kept_t()
                 self._saved = self._kept = None
                 return z
-        if (
-            save_for_backward is True
-            and keep_bytes is None
-            and fast is not None
-            and (_backend._override.get() or _backend._default) == "cpp"
-            and _precision.ieee()
-        ):
+        if save_for_backward is True and keep_bytes is None and fast is not None:
             # Nothing of the last batch stays valid if this call is interrupted part-way.
             self._release_kept_t()
             buffer, self._kept, self._saved = self._kept, None, None
@@ -890,13 +869,8 @@ class Bilinear(_Layer):
         ValueError
             If ``grad_out`` does not have the shape of the last output.
         """
-        fast = _backend.fast_core
-        if (
-            self._saved is not None
-            and fast is not None
-            and (_backend._override.get() or _backend._default) == "cpp"
-            and _precision.ieee()
-        ):
+        fast = _precision.fast_core()
+        if self._saved is not None and fast is not None:
             x1, x2 = self._saved
             grads = fast.bilinear_layer_backward_fast(
                 grad_out,

@@ -31,7 +31,7 @@ import threading
 
 import numpy as np
 
-from . import _bf16, _bf16_kernel
+from . import _backend, _bf16, _bf16_kernel
 
 MODES = ("ieee", "bf16", "bf16x3")
 
@@ -83,6 +83,17 @@ def fp32_precision(mode: str):
         yield mode
     finally:
         _override.reset(token)
+
+
+def fast_core():
+    """The compiled module if a call made here may take its fast path (exact arguments straight
+    to the kernel, which checks them and returns None when they are not): the compiled backend
+    is in use and float32 is computed as float32. Otherwise None. The one place the fast paths'
+    condition is written."""
+    fast = _backend.fast_core
+    if fast is None or (_backend._override.get() or _backend._default) != "cpp":
+        return None
+    return fast if (_override.get() or _default) == "ieee" else None
 
 
 def ieee() -> bool:

@@ -13,6 +13,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _backend, _bf16_kernel, _precision
 from . import _validation as v
@@ -106,7 +107,7 @@ def _check_linear(fname, x, weight):
     v.check_features(fname, "input", x.shape[-1], weight.shape[1], _shapes(input=x, weight=weight))
 
 
-def linear(x, weight, bias=None):
+def linear(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None) -> np.ndarray:
     """Apply the linear map ``y = x @ weight.T + bias`` (``torch.nn.functional.linear``).
 
     Parameters
@@ -157,7 +158,15 @@ def linear(x, weight, bias=None):
     return _restore(y, x.shape[:-1] + (out_features,), dtype)
 
 
-def linear_backward(grad_out, x, weight, *, bias=True, need_x=True, need_weight=True):
+def linear_backward(
+    grad_out: ArrayLike,
+    x: ArrayLike,
+    weight: ArrayLike,
+    *,
+    bias: bool = True,
+    need_x: bool = True,
+    need_weight: bool = True,
+) -> LinearGrads:
     """Gradients of a linear map ``y = x @ weight.T + bias`` given ``grad_out = dL/dy``.
 
     ``grad_x = grad_out @ weight``, ``grad_weight = grad_out.T @ x`` and
@@ -279,7 +288,9 @@ def _prepared_bilinear(fname, x1, x2, weight, bias):
     return prepared, dtype, x1, x2, weight
 
 
-def bilinear(x1, x2, weight, bias=None):
+def bilinear(
+    x1: ArrayLike, x2: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None
+) -> np.ndarray:
     """Apply the bilinear map ``z[..., l] = x1 @ weight[l] @ x2 + bias[l]``.
 
     Like ``torch.nn.functional.bilinear``. A 2-D ``weight`` is a single bilinear form
@@ -400,7 +411,15 @@ def _keep_budget(fname, keep_bytes) -> int:
     return int(keep_bytes)
 
 
-def bilinear_with_context(x1, x2, weight, bias=None, *, keep_bytes=None, reuse=None):
+def bilinear_with_context(
+    x1: ArrayLike,
+    x2: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    keep_bytes: int | None = None,
+    reuse: BilinearContext | None = None,
+) -> tuple[np.ndarray, BilinearContext]:
     """``bilinear`` that also returns what makes its backward cheaper.
 
     ``z, ctx = bilinear_with_context(x1, x2, weight, bias)`` gives the same ``z`` as
@@ -495,17 +514,17 @@ def _forward_keeping(fname, x1, x2, weight, bias, budget, buffer):
 
 
 def bilinear_backward(
-    grad_out,
-    x1=None,
-    x2=None,
-    weight=None,
+    grad_out: ArrayLike,
+    x1: ArrayLike | None = None,
+    x2: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
     *,
-    context=None,
-    bias=True,
-    need_x1=True,
-    need_x2=True,
-    need_weight=True,
-):
+    context: BilinearContext | None = None,
+    bias: bool = True,
+    need_x1: bool = True,
+    need_x2: bool = True,
+    need_weight: bool = True,
+) -> BilinearGrads:
     """Gradients of a bilinear map given ``grad_out = dL/dz``.
 
     With ``g_l = grad_out[..., l]``: ``grad_x1 = sum_l g_l * (x2 @ weight[l].T)``,

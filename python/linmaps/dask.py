@@ -37,6 +37,7 @@ import os
 import sys
 import threading
 import warnings
+from typing import Any
 
 try:
     import dask
@@ -56,6 +57,7 @@ except ImportError:  # Dask releases before the public module
     from dask._task_spec import DataNode, List, Task, TaskRef
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _api, _backend
 from . import _validation as v
@@ -414,7 +416,13 @@ def _bilinear_backward_block(
 # ----------------------------------------------------------------------------- forward
 
 
-def linear(x, weight, bias=None, *, threads_per_task=None):
+def linear(
+    x: da.Array | ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    threads_per_task: int | None = None,
+) -> da.Array:
     """Lazy ``y = x @ weight.T + bias`` over a Dask array (:func:`linmaps.linear` per chunk).
 
     Parameters
@@ -477,7 +485,14 @@ def linear(x, weight, bias=None, *, threads_per_task=None):
     return _array(name, layer, [xd, wd, bd], batch.chunks + ((out_features,),), dtype)
 
 
-def bilinear(x1, x2, weight, bias=None, *, threads_per_task=None):
+def bilinear(
+    x1: da.Array | ArrayLike,
+    x2: da.Array | ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    threads_per_task: int | None = None,
+) -> da.Array:
     """Lazy ``z[..., l] = x1 @ weight[l] @ x2 + bias[l]`` over Dask arrays
     (:func:`linmaps.bilinear` per chunk).
 
@@ -550,16 +565,16 @@ def bilinear(x1, x2, weight, bias=None, *, threads_per_task=None):
 
 
 def linear_backward(
-    grad_out,
-    x,
-    weight,
+    grad_out: da.Array | ArrayLike,
+    x: da.Array | ArrayLike,
+    weight: ArrayLike,
     *,
-    bias=True,
-    need_x=True,
-    need_weight=True,
-    split_every=None,
-    threads_per_task=None,
-):
+    bias: bool = True,
+    need_x: bool = True,
+    need_weight: bool = True,
+    split_every: int | None = None,
+    threads_per_task: int | None = None,
+) -> LinearGrads:
     """Lazy gradients of ``y = x @ weight.T + bias`` (:func:`linmaps.linear_backward`).
 
     ``grad_x`` is computed chunk by chunk; ``grad_weight`` and ``grad_bias`` are the per-chunk
@@ -645,18 +660,18 @@ def linear_backward(
 
 
 def bilinear_backward(
-    grad_out,
-    x1,
-    x2,
-    weight,
+    grad_out: da.Array | ArrayLike,
+    x1: da.Array | ArrayLike,
+    x2: da.Array | ArrayLike,
+    weight: ArrayLike,
     *,
-    bias=True,
-    need_x1=True,
-    need_x2=True,
-    need_weight=True,
-    split_every=None,
-    threads_per_task=None,
-):
+    bias: bool = True,
+    need_x1: bool = True,
+    need_x2: bool = True,
+    need_weight: bool = True,
+    split_every: int | None = None,
+    threads_per_task: int | None = None,
+) -> BilinearGrads:
     """Lazy gradients of a bilinear map (:func:`linmaps.bilinear_backward`).
 
     ``grad_x1`` and ``grad_x2`` are computed chunk by chunk; ``grad_weight`` and ``grad_bias``
@@ -831,7 +846,7 @@ class _NpyRows:
         return np.asarray(np.load(self.path, mmap_mode="r")[index])
 
 
-def from_npy(path, chunks="auto"):
+def from_npy(path: str | os.PathLike, chunks: Any = "auto") -> da.Array:
     """A Dask array reading an ``.npy`` file chunk by chunk, never whole.
 
     Parameters
@@ -883,7 +898,9 @@ def _files_read(array) -> set:
     return files
 
 
-def to_npy(array, path, *, compute=True, **store_kwargs):
+def to_npy(
+    array: da.Array, path: str | os.PathLike, *, compute: bool = True, **store_kwargs: Any
+) -> Any:
     """Write a Dask array to an ``.npy`` file chunk by chunk, never holding it whole.
 
     The file is created with the array's shape and dtype, then each task writes its chunk

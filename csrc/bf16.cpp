@@ -47,6 +47,7 @@ constexpr Index kTileCols = 32;
 void pack_pairs(const std::uint16_t* src, Index rows_total, Index k, Index padded_rows,
                 std::uint32_t* out) {
   const Index k2 = (k + 1) / 2;
+  if (k2 == 0) return;  // no pairs: `out` may be the null data of an empty vector
   for (Index r = 0; r < padded_rows; ++r) {
     std::uint32_t* row_out = out + r * k2;
     if (r >= rows_total) {

@@ -246,6 +246,12 @@ def linear_backward(
 def _check_bilinear(fname, x1, x2, weight):
     v.check_at_least_1d(fname, "input1", x1)
     v.check_at_least_1d(fname, "input2", x2)
+    _check_bilinear_operands(fname, x1, x2, weight, x1.shape[:-1], x2.shape[:-1])
+
+
+def _check_bilinear_operands(fname, x1, x2, weight, batch1, batch2):
+    """The weight's rank, the inputs' batch dimensions ``batch1``/``batch2`` and the feature
+    sizes (bilinear and bilinear_pairs)."""
     if weight.ndim not in (2, 3):
         raise ValueError(
             f"{fname}(): weight must be 3-D (out_features, in1_features, "
@@ -253,10 +259,9 @@ def _check_bilinear(fname, x1, x2, weight):
             f"got shape {weight.shape}"
         )
     shapes = _shapes(input1=x1, input2=x2, weight=weight)
-    if x1.shape[:-1] != x2.shape[:-1]:
+    if batch1 != batch2:
         raise ValueError(
-            f"{fname}(): input batch dimensions do not match: got "
-            f"{x1.shape[:-1]} and {x2.shape[:-1]} ({shapes})"
+            f"{fname}(): input batch dimensions do not match: got {batch1} and {batch2} ({shapes})"
         )
     v.check_features(fname, "input1", x1.shape[-1], weight.shape[-2], shapes)
     v.check_features(fname, "input2", x2.shape[-1], weight.shape[-1], shapes)

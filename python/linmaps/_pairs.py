@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _backend, _numpy_pairs
 from . import _validation as v
-from ._api import BilinearGrads, _restore, _shapes
+from ._api import BilinearGrads, _check_bilinear_operands, _restore, _shapes
 from ._layers import _check_bool, _check_size, _Layer
 
 __all__ = ["BilinearPairs", "bilinear_pairs", "bilinear_pairs_backward"]
@@ -29,20 +29,7 @@ def _check_pairs(fname, x1, x2, weight):
                 f"{fname}(): {name} must have at least 2 dimensions (..., rows, features), "
                 f"got shape {array.shape}"
             )
-    if weight.ndim not in (2, 3):
-        raise ValueError(
-            f"{fname}(): weight must be 3-D (out_features, in1_features, "
-            f"in2_features) or 2-D (in1_features, in2_features), "
-            f"got shape {weight.shape}"
-        )
-    shapes = _shapes(input1=x1, input2=x2, weight=weight)
-    if x1.shape[:-2] != x2.shape[:-2]:
-        raise ValueError(
-            f"{fname}(): input batch dimensions do not match: got "
-            f"{x1.shape[:-2]} and {x2.shape[:-2]} ({shapes})"
-        )
-    v.check_features(fname, "input1", x1.shape[-1], weight.shape[-2], shapes)
-    v.check_features(fname, "input2", x2.shape[-1], weight.shape[-1], shapes)
+    _check_bilinear_operands(fname, x1, x2, weight, x1.shape[:-2], x2.shape[:-2])
 
 
 def _as_3d(array, work):

@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _pairs
 from .torch import (
     _KERNEL,
+    _backward_fake,
     _follow_torch_threads,
     _from_numpy,
     _kernel_tensors,
@@ -26,7 +27,6 @@ from .torch import (
     _numpy,
     _optional,
     _or_placeholders,
-    _placeholder,
     _refuse_tangents,
     _sum,
     _tensors,
@@ -95,14 +95,7 @@ def _pairs_backward_op(
     return _or_placeholders(grads, grad)
 
 
-@_pairs_backward_op.register_fake
-def _(grad, input1, input2, weight, need_input1, need_input2, need_weight, need_bias):
-    return (
-        torch.empty_like(input1) if need_input1 else _placeholder(grad),
-        torch.empty_like(input2) if need_input2 else _placeholder(grad),
-        torch.empty_like(weight) if need_weight else _placeholder(grad),
-        grad.new_empty((weight.shape[0],)) if need_bias else _placeholder(grad),
-    )
+_pairs_backward_op.register_fake(_backward_fake)
 
 
 def _backward_call(grad, input1, input2, weight, *needs) -> tuple:

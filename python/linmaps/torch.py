@@ -1016,7 +1016,8 @@ def _bilinear_backward_op(
 
 
 @_bilinear_backward_op.register_fake
-def _(grad, input1, input2, weight, need_input1, need_input2, need_weight, need_bias):
+def _backward_fake(grad, input1, input2, weight, need_input1, need_input2, need_weight, need_bias):
+    """Shapes of a bilinear backward's gradients (also linmaps::bilinear_pairs_backward's)."""
     return (
         torch.empty_like(input1) if need_input1 else _placeholder(grad),
         torch.empty_like(input2) if need_input2 else _placeholder(grad),
